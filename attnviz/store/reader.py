@@ -1,0 +1,411 @@
+"""The lazy reader: ``attnviz.open(path)``.
+
+Nothing is read until asked for; one attention map is one HDF5 chunk. The file is validated on
+open (format name, version, required datasets, consistent shapes); every problem is one
+:class:`~attnviz.errors.RecordingError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from attnviz.errors import RecordingError
+from attnviz.store import schema as S
+
+__all__ = ["Recording", "open"]
+
+
+def open(path: str | os.PathLike) -> Recording:  # noqa: A001 - the public name is attnviz.open
+    """Open a recording read-only (lazily) and validate it.
+
+    Args:
+        path: an attnviz ``.h5`` file, complete or ``.partial``.
+
+    Returns:
+        A :class:`Recording`; use it as a context manager or call ``close()``.
+
+    Raises:
+        RecordingError: missing, not HDF5, truncated, not an attnviz recording, another format
+            version, or a required dataset missing.
+    """
+    return Recording(path)
+
+
+class Recording:
+    """A read-only, lazy view of one recording.
+
+    ``n_samples`` counts the samples that were written: for an incomplete recording (an interrupted
+    extraction) that is the leading run of done samples, and ``complete`` is False.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise RecordingError(f"{self.path}: no such file")
+        try:
+            # no file locking: the dashboard may read while `attnviz analyze` adds to the file
+            self._f = h5py.File(self.path, "r", locking=False)
+        except OSError as e:
+            msg = str(e).lower()
+            why = "truncated (an interrupted copy or write?)" if "truncated" in msg else "not an HDF5 file or damaged"
+            raise RecordingError(f"{self.path}: cannot be read: {why}") from None
+        try:
+            self._validate()
+        except BaseException:
+            self._f.close()
+            raise
+
+    # -- validation ------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        a = self._f.attrs
+        if a.get(S.ATTR_FORMAT) != S.FORMAT_NAME:
+            raise RecordingError(f"{self.path}: not an attnviz recording (root attribute 'format' is not {S.FORMAT_NAME!r})")
+        version = int(a.get(S.ATTR_VERSION, -1))
+        if version != S.FORMAT_VERSION:
+            hint = "upgrade attnviz" if version > S.FORMAT_VERSION else "record it again with this attnviz"
+            raise RecordingError(f"{self.path}: format version {version}, this attnviz reads version {S.FORMAT_VERSION}; {hint}")
+        missing = [k for k in S.REQUIRED_ROOT_ATTRS if k not in a]
+        if missing:
+            raise RecordingError(f"{self.path}: missing root attribute(s) {', '.join(missing)}")
+        family = self.family
+        if family not in S.FAMILIES:
+            raise RecordingError(f"{self.path}: unknown family {family!r}")
+        required = list(S.REQUIRED_DATASETS) + [S.maps_path(self.main_kind), S.lengths_path(self.main_kind)]
+        if family in ("vit", "lvlm"):
+            required.append(S.D_THUMBNAIL)
+        for name in required:
+            if name not in self._f:
+                raise RecordingError(f"{self.path}: required dataset /{name} is missing")
+        n = int(a[S.ATTR_N_SAMPLES])
+        for name in (S.D_ID, S.D_DONE, S.D_LABEL, S.D_PREDICTION, S.D_LOGITS):
+            if self._f[name].shape[0] != n:
+                raise RecordingError(f"{self.path}: /{name} has {self._f[name].shape[0]} rows, expected {n}")
+        for kind in self.kinds:
+            shape = self._f[S.maps_path(kind)].shape
+            if len(shape) != 5 or shape[0] != n:
+                raise RecordingError(f"{self.path}: /{S.maps_path(kind)} has shape {shape}, expected ({n}, L, H, Q, K)")
+        try:  # touch the data: a truncated file often opens but cannot be read
+            self._f[S.D_DONE][()]
+            if self.n_samples:
+                self._f[S.maps_path(self.main_kind)][self.n_samples - 1, -1, -1, :1, :1]
+        except OSError:
+            raise RecordingError(f"{self.path}: cannot be read: truncated or damaged data") from None
+
+    # -- identity --------------------------------------------------------------------------
+
+    @property
+    def family(self) -> str:
+        return _str(self._f.attrs[S.ATTR_FAMILY])
+
+    @property
+    def model_name(self) -> str:
+        return _str(self._f.attrs[S.ATTR_MODEL_NAME])
+
+    @property
+    def model_class(self) -> str:
+        return _str(self._f.attrs.get(S.ATTR_MODEL_CLASS, ""))
+
+    @property
+    def created(self) -> str:
+        return _str(self._f.attrs[S.ATTR_CREATED])
+
+    @property
+    def format_version(self) -> int:
+        return int(self._f.attrs[S.ATTR_VERSION])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._f.attrs[S.ATTR_COMPLETE])
+
+    @property
+    def main_kind(self) -> str:
+        return _str(self._f.attrs[S.ATTR_MAIN_KIND])
+
+    @property
+    def extraction_params(self) -> dict[str, Any]:
+        return S.loads(self._f.attrs.get(S.ATTR_PARAMS, "{}"))
+
+    @property
+    def target_source(self) -> str:
+        """"label" when accuracy-type metrics used true labels, "prediction" when they used the
+        model's own predictions (a recording without labels)."""
+        return _str(self._f.attrs.get(S.ATTR_TARGET_SOURCE, "label"))
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return S.loads(self._f[S.G_MODEL].attrs.get("config", "{}"))
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    @property
+    def n_planned(self) -> int:
+        """Samples the extraction set out to record (rows allocated in the file)."""
+        return int(self._f.attrs[S.ATTR_N_SAMPLES])
+
+    @cached_property
+    def n_samples(self) -> int:
+        """Samples written and readable: all of them when complete, else the leading done run."""
+        done = self._f[S.D_DONE][()]
+        if done.all():
+            return int(done.size)
+        return int(np.argmin(done))
+
+    @property
+    def n_layers(self) -> int:
+        return int(self._f.attrs[S.ATTR_N_LAYERS])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self._f.attrs[S.ATTR_N_HEADS])
+
+    @cached_property
+    def kinds(self) -> tuple[str, ...]:
+        """Attention kinds present, the main kind first."""
+        present = tuple(self._f[S.G_ATTENTION].keys()) if S.G_ATTENTION in self._f else ()
+        return tuple(sorted(present, key=lambda k: (k != self.main_kind, k)))
+
+    def stack_shape(self, kind: str | None = None) -> tuple[int, int]:
+        """(n_layers, n_heads) of one attention kind."""
+        g = self._group(kind)
+        return int(g.attrs["n_layers"]), int(g.attrs["n_heads"])
+
+    def layout(self, kind: str | None = None) -> S.TokenLayout:
+        """How the tokens of ``kind`` map onto the input (prefix tokens, patch grid, ...)."""
+        return S.TokenLayout.from_json(self._group(kind).attrs["layout"])
+
+    # -- attention ------------------------------------------------------------------------
+
+    def attention(self, sample: int, layer: int, head: int, kind: str | None = None) -> np.ndarray:
+        """One attention map as the model computed it.
+
+        Returns:
+            float32 ``[query_pos, key_pos]``, cropped to the sample's valid lengths; rows sum to 1.
+        """
+        self._check(sample, layer, head, kind)
+        q, k = self.lengths(sample, kind)
+        return self._maps(kind)[sample, layer, head, :q, :k].astype(np.float32)
+
+    def attention_heads(self, sample: int, layer: int, kind: str | None = None) -> np.ndarray:
+        """All heads of one layer: float32 ``[head, query_pos, key_pos]``."""
+        self._check(sample, layer, 0, kind)
+        q, k = self.lengths(sample, kind)
+        return self._maps(kind)[sample, layer, :, :q, :k].astype(np.float32)
+
+    def attention_query(self, sample: int, layer: int, query: int, kind: str | None = None,
+                        head: int | None = None) -> np.ndarray:
+        """One query row: float32 ``[key_pos]`` for one head, or ``[head, key_pos]`` for all heads."""
+        self._check(sample, layer, 0 if head is None else head, kind)
+        q, k = self.lengths(sample, kind)
+        if not 0 <= query < q:
+            raise IndexError(f"query {query} out of range 0..{q - 1}")
+        sel = slice(None) if head is None else head
+        return self._maps(kind)[sample, layer, sel, query, :k].astype(np.float32)
+
+    def lengths(self, sample: int, kind: str | None = None) -> tuple[int, int]:
+        """Valid (query_len, key_len) of one sample (maps are padded to the longest sample)."""
+        q, k = self._group(kind)[S.LENGTHS][sample]
+        return int(q), int(k)
+
+    def iter_attention(self, kind: str | None = None, *, samples: Sequence[int] | None = None,
+                       batch_size: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream maps in batches so analyses never hold more than one batch.
+
+        Yields:
+            (indices ``[b]``, maps float16 ``[b, layer, head, max_query, max_key]``), padded; use
+            :meth:`lengths` where lengths vary.
+        """
+        ds = self._maps(kind)
+        idx = np.arange(self.n_samples) if samples is None else np.asarray(samples, dtype=np.int64)
+        for i in range(0, len(idx), batch_size):
+            chunk = idx[i : i + batch_size]
+            if len(chunk) and np.all(np.diff(chunk) == 1):
+                yield chunk, ds[int(chunk[0]) : int(chunk[-1]) + 1]
+            else:
+                yield chunk, np.stack([ds[int(j)] for j in chunk]) if len(chunk) else ds[0:0]
+
+    # -- per-sample data -----------------------------------------------------------------
+
+    @cached_property
+    def sample_ids(self) -> list[str]:
+        return [_str(s) for s in self._f[S.D_ID][: self.n_samples]]
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """int32 ``[n_samples]``; -1 where the input had no label."""
+        return self._f[S.D_LABEL][: self.n_samples]
+
+    @cached_property
+    def predictions(self) -> np.ndarray:
+        """int32 ``[n_samples]``: argmax of the logits."""
+        return self._f[S.D_PREDICTION][: self.n_samples]
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.n_samples) and bool((self.labels >= 0).any())
+
+    @property
+    def accuracy(self) -> float | None:
+        """Fraction of labelled samples predicted right; None without labels."""
+        lab = self.labels
+        known = lab >= 0
+        if not known.any():
+            return None
+        return float((self.predictions[known] == lab[known]).mean())
+
+    def logits(self, sample: int | slice | None = None) -> np.ndarray:
+        """float32 ``[n_classes]`` for one sample, or ``[n, n_classes]``."""
+        if sample is None:
+            return self._f[S.D_LOGITS][: self.n_samples]
+        return self._f[S.D_LOGITS][sample]
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        return [_str(s) for s in self._f[S.D_CLASS_NAMES][()]]
+
+    def thumbnail(self, sample: int) -> np.ndarray:
+        """uint8 ``[h, w, 3]``: the input as the model saw it (resized), for display."""
+        return self._f[S.D_THUMBNAIL][sample]
+
+    @property
+    def has_masks(self) -> bool:
+        return S.D_MASK in self._f
+
+    def mask(self, sample: int) -> np.ndarray | None:
+        """uint8 ``[h, w]`` object mask (nonzero = object), or None when the recording has none."""
+        return self._f[S.D_MASK][sample] if self.has_masks else None
+
+    def meta(self, sample: int) -> dict[str, Any]:
+        """Per-sample metadata (tokens, words, timings, prompts), {} when none."""
+        if S.D_META not in self._f:
+            return {}
+        raw = self._f[S.D_META][sample]
+        return S.loads(raw) if raw else {}
+
+    @cached_property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Inputs the extraction skipped, as (path, reason)."""
+        if S.D_SKIPPED not in self._f:
+            return []
+        out = []
+        for s in self._f[S.D_SKIPPED][()]:
+            p, _, r = _str(s).partition("\t")
+            out.append((p, r))
+        return out
+
+    # -- attributions --------------------------------------------------------------------
+
+    def attribution_methods(self) -> list[str]:
+        return sorted(self._f[S.G_ATTRIBUTIONS].keys()) if S.G_ATTRIBUTIONS in self._f else []
+
+    def attribution(self, sample: int, method: str) -> np.ndarray:
+        """float32 ``[h, w]`` at pixel or patch resolution (see :meth:`attribution_info`)."""
+        return self._dataset(f"{S.G_ATTRIBUTIONS}/{method}", "attribution", self.attribution_methods())[sample]
+
+    def attribution_info(self, method: str) -> S.AttributionSpec:
+        ds = self._dataset(f"{S.G_ATTRIBUTIONS}/{method}", "attribution", self.attribution_methods())
+        return S.AttributionSpec(name=method, shape=tuple(ds.shape[1:]), resolution=_str(ds.attrs["resolution"]),
+                                 target=_str(ds.attrs.get("target", "predicted")),
+                                 description=_str(ds.attrs.get("description", "")))
+
+    # -- head metrics --------------------------------------------------------------------
+
+    def head_metrics(self) -> list[str]:
+        """Names of the per-head metrics stored in the file."""
+        return sorted(self._f[S.G_HEAD_METRICS].keys()) if S.G_HEAD_METRICS in self._f else []
+
+    def head_metric(self, name: str) -> np.ndarray:
+        """float32 ``[n_layers, n_heads]`` of the stack the metric was computed on."""
+        return self._dataset(f"{S.G_HEAD_METRICS}/{name}", "head metric", self.head_metrics())[()].astype(np.float32)
+
+    def head_metric_info(self, name: str) -> S.HeadMetricInfo:
+        ds = self._dataset(f"{S.G_HEAD_METRICS}/{name}", "head metric", self.head_metrics())
+        at = ds.attrs
+        return S.HeadMetricInfo(
+            name=name, kind=_str(at.get("kind", self.main_kind)), definition=_str(at.get("definition", "")),
+            citation=_str(at.get("citation", "")), units=_str(at.get("units", "")),
+            higher_is_more_important=bool(at.get("higher_is_more_important", True)),
+            params=S.loads(at.get("params", "{}")),
+        )
+
+    # -- analyses cache -------------------------------------------------------------------
+
+    def analyses(self) -> list[str]:
+        return sorted(self._f[S.G_ANALYSES].keys()) if S.G_ANALYSES in self._f else []
+
+    def analysis_group(self, name: str) -> h5py.Group | None:
+        """The cached group ``analyses/<name>`` (read-only) or None; see :mod:`attnviz.store.cache`."""
+        key = f"{S.G_ANALYSES}/{name}"
+        return self._f[key] if key in self._f else None
+
+    # -- sizes on disk -------------------------------------------------------------------
+
+    def datasets(self) -> list[tuple[str, tuple[int, ...], str, int]]:
+        """Every dataset as (path, shape, dtype, bytes on disk)."""
+        out: list[tuple[str, tuple[int, ...], str, int]] = []
+
+        def visit(name: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset):
+                out.append((name, tuple(obj.shape), str(obj.dtype), int(obj.id.get_storage_size())))
+
+        self._f.visititems(visit)
+        return out
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    @property
+    def h5(self) -> h5py.File:
+        return self._f
+
+    def _group(self, kind: str | None) -> h5py.Group:
+        kind = kind or self.main_kind
+        key = f"{S.G_ATTENTION}/{kind}"
+        if key not in self._f:
+            raise KeyError(f"this {self.family} recording has no {kind!r} attention; it has: {', '.join(self.kinds)}")
+        return self._f[key]
+
+    def _maps(self, kind: str | None) -> h5py.Dataset:
+        return self._group(kind)[S.MAPS]
+
+    def _check(self, sample: int, layer: int, head: int, kind: str | None) -> None:
+        n_layers, n_heads = self.stack_shape(kind)
+        if not 0 <= sample < self.n_samples:
+            raise IndexError(f"sample {sample} out of range 0..{self.n_samples - 1}")
+        if not 0 <= layer < n_layers:
+            raise IndexError(f"layer {layer} out of range 0..{n_layers - 1}")
+        if not 0 <= head < n_heads:
+            raise IndexError(f"head {head} out of range 0..{n_heads - 1}")
+
+    def _dataset(self, key: str, what: str, known: list[str]) -> h5py.Dataset:
+        if key not in self._f:
+            raise KeyError(f"no {what} {key.rsplit('/', 1)[-1]!r} in {self.path.name}; available: {', '.join(known) or 'none'}")
+        return self._f[key]
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    @property
+    def closed(self) -> bool:
+        return not self._f.id.valid
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "" if self.complete else f", incomplete {self.n_samples}/{self.n_planned}"
+        return (f"<Recording {self.path.name}: {self.family} {self.model_name!r}, {self.n_samples} samples, "
+                f"{self.n_layers}x{self.n_heads} heads{state}>")
+
+
+def _str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

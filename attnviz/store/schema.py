@@ -1,0 +1,217 @@
+"""The recording format: names, versions and the small typed records that describe a file.
+
+This module is the single source of truth for every name that appears in an attnviz HDF5 file;
+``docs/file-format.md`` is its prose version. Writer, reader and validation import the names from
+here, never type them again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "FAMILIES",
+    "FAMILY_KINDS",
+    "MAIN_KIND",
+    "PARTIAL_SUFFIX",
+    "TokenLayout",
+    "StackSpec",
+    "AttributionSpec",
+    "HeadMetricInfo",
+    "dumps",
+    "loads",
+]
+
+FORMAT_NAME = "attnviz-recording"
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+
+# Families and the attention kinds each records. The first kind listed for a family is the one
+# `Recording.attention(...)` uses by default when the caller names none.
+FAMILIES = ("vit", "s2t", "lvlm")
+FAMILY_KINDS: dict[str, tuple[str, ...]] = {
+    "vit": ("self",),
+    # s2t: "self" = encoder self-attention (frames x frames), "decoder_self" (tokens x tokens),
+    # "cross" (tokens x frames).
+    "s2t": ("cross", "self", "decoder_self"),
+    # lvlm: "self" = language-model self-attention (tokens x tokens), "vision" = vision tower.
+    "lvlm": ("self", "vision"),
+}
+# The family's main stack: what rec.n_layers / rec.n_heads describe.
+MAIN_KIND: dict[str, str] = {"vit": "self", "s2t": "cross", "lvlm": "self"}
+
+# Root attributes (all REQUIRED).
+ATTR_FORMAT = "format"
+ATTR_VERSION = "format_version"
+ATTR_FAMILY = "family"
+ATTR_MODEL_NAME = "model_name"
+ATTR_MODEL_CLASS = "model_class"
+ATTR_CREATED = "created"
+ATTR_COMPLETE = "complete"
+ATTR_N_SAMPLES = "n_samples"
+ATTR_N_LAYERS = "n_layers"
+ATTR_N_HEADS = "n_heads"
+ATTR_MAIN_KIND = "main_kind"
+ATTR_PRODUCER = "producer"
+ATTR_BATCH_SIZE = "batch_size"
+ATTR_PARAMS = "extraction_params"
+ATTR_TARGET_SOURCE = "target_source"
+
+# Groups and datasets.
+G_SAMPLES = "samples"
+D_ID = "samples/id"
+D_DONE = "samples/done"
+D_LABEL = "samples/label"
+D_PREDICTION = "samples/prediction"
+D_LOGITS = "samples/logits"
+D_THUMBNAIL = "samples/thumbnail"
+D_MASK = "samples/mask"
+D_META = "samples/meta"
+G_MODEL = "model"
+D_CLASS_NAMES = "model/class_names"
+G_ATTENTION = "attention"
+MAPS = "maps"
+LENGTHS = "lengths"
+G_ATTRIBUTIONS = "attributions"
+G_HEAD_METRICS = "head_metrics"
+G_ANALYSES = "analyses"
+D_SKIPPED = "inputs/skipped"
+
+REQUIRED_ROOT_ATTRS = (
+    ATTR_FORMAT,
+    ATTR_VERSION,
+    ATTR_FAMILY,
+    ATTR_MODEL_NAME,
+    ATTR_CREATED,
+    ATTR_COMPLETE,
+    ATTR_N_SAMPLES,
+    ATTR_N_LAYERS,
+    ATTR_N_HEADS,
+    ATTR_MAIN_KIND,
+)
+REQUIRED_DATASETS = (D_ID, D_DONE, D_LABEL, D_PREDICTION, D_LOGITS, D_CLASS_NAMES)
+
+
+def maps_path(kind: str) -> str:
+    """Path of the attention maps of one kind: ``attention/<kind>/maps``."""
+    return f"{G_ATTENTION}/{kind}/{MAPS}"
+
+
+def lengths_path(kind: str) -> str:
+    """Path of the per-sample valid (query_len, key_len) of one kind."""
+    return f"{G_ATTENTION}/{kind}/{LENGTHS}"
+
+
+def dumps(obj: Any) -> str:
+    """JSON for attributes (sorted keys so equal parameters give equal strings)."""
+    return json.dumps(obj, sort_keys=True, default=_json_default)
+
+
+def loads(text: str | bytes | None) -> Any:
+    if text is None:
+        return None
+    if isinstance(text, bytes):
+        text = text.decode()
+    return json.loads(text)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot store {type(obj).__name__} as JSON")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How the tokens of one attention kind map onto the input.
+
+    A sequence is ``n_prefix`` prefix tokens (CLS, distillation, registers, ... named in
+    ``prefix_names``) followed by ``grid[0] * grid[1]`` patch tokens in row-major order, for
+    patch stacks; ``grid`` is None for token or frame axes (text, audio).
+
+    Attributes:
+        n_prefix: number of prefix tokens before the patches (ViT: 1 for CLS).
+        prefix_names: one name per prefix token, e.g. ``("cls",)`` or ``("cls", "distillation")``.
+        grid: (grid_h, grid_w) patches, or None.
+        patch_size: (patch_h, patch_w) in input pixels, or None.
+        image_size: (height, width) of the model input in pixels, or None.
+        query_axis / key_axis: what the rows / columns of a map index: "tokens" or "frames".
+    """
+
+    n_prefix: int = 0
+    prefix_names: tuple[str, ...] = ()
+    grid: tuple[int, int] | None = None
+    patch_size: tuple[int, int] | None = None
+    image_size: tuple[int, int] | None = None
+    query_axis: str = "tokens"
+    key_axis: str = "tokens"
+
+    @property
+    def n_patches(self) -> int:
+        return 0 if self.grid is None else self.grid[0] * self.grid[1]
+
+    @property
+    def n_tokens(self) -> int | None:
+        """Total sequence length for patch stacks (prefix + patches); None for variable axes."""
+        return None if self.grid is None else self.n_prefix + self.n_patches
+
+    def to_json(self) -> str:
+        return dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> TokenLayout:
+        d = loads(text)
+        for key in ("grid", "patch_size", "image_size"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        d["prefix_names"] = tuple(d.get("prefix_names", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """One attention stack in a recording: ``maps`` has shape
+    ``(n_samples, n_layers, n_heads, max_query, max_key)``."""
+
+    kind: str
+    n_layers: int
+    n_heads: int
+    max_query: int
+    max_key: int
+    layout: TokenLayout = field(default_factory=TokenLayout)
+
+
+@dataclass(frozen=True)
+class AttributionSpec:
+    """One stored feature attribution: ``attributions/<name>`` of shape (n_samples, *shape).
+
+    Attributes:
+        name: registry name, e.g. "saliency", "integrated_gradients", "occlusion", "rollout".
+        shape: per-sample shape, (height, width) at pixel or patch resolution.
+        resolution: "pixel" (model input pixels) or "patch" (the patch grid).
+        target: "predicted" or "label": which class the attribution explains.
+        description: one line: the method, its library, its parameters.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    resolution: str
+    target: str = "predicted"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class HeadMetricInfo:
+    """Description of a per-head metric stored at ``head_metrics/<name>`` (shape (L, H) of its stack)."""
+
+    name: str
+    kind: str = "self"
+    definition: str = ""
+    citation: str = ""
+    units: str = ""
+    higher_is_more_important: bool = True
+    params: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,75 @@
+"""Shared test helpers: synthetic recordings written through the real writer, tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from attnviz.store import AttributionSpec, RecordingWriter, SampleBatch, StackSpec, TokenLayout
+
+CLASS_NAMES = ("circle", "square", "triangle")
+
+
+def random_attention(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Row-stochastic float32 maps of ``shape`` (..., query, key)."""
+    x = rng.standard_normal(shape).astype(np.float32) * 2.0
+    x = np.exp(x - x.max(-1, keepdims=True))
+    return x / x.sum(-1, keepdims=True)
+
+
+def make_recording(
+    path: str | Path,
+    *,
+    n_samples: int = 6,
+    n_layers: int = 2,
+    n_heads: int = 3,
+    grid: tuple[int, int] = (4, 4),
+    patch: int = 8,
+    n_prefix: int = 1,
+    batch_size: int = 4,
+    maps_fn: Callable[[int], np.ndarray] | None = None,
+    with_masks: bool = True,
+    seed: int = 0,
+    compression: str = "lzf",
+) -> Path:
+    """Write a complete synthetic ViT recording through :class:`RecordingWriter`.
+
+    ``maps_fn(sample)`` may return float ``[layer, head, tokens, tokens]``; default random softmax maps.
+    Labels are ``i % 3``, predictions equal labels except sample 1 (one error).
+    """
+    rng = np.random.default_rng(seed)
+    gh, gw = grid
+    t = n_prefix + gh * gw
+    size = (gh * patch, gw * patch)
+    layout = TokenLayout(n_prefix=n_prefix, prefix_names=("cls",)[:n_prefix] + ("reg",) * max(0, n_prefix - 1),
+                         grid=grid, patch_size=(patch, patch), image_size=size)
+    labels = np.arange(n_samples) % 3
+    w = RecordingWriter.create(
+        path, family="vit", model_name="synthetic", model_class="ViTForImageClassification",
+        sample_ids=[f"img_{i:03d}.png" for i in range(n_samples)],
+        stacks=[StackSpec("self", n_layers, n_heads, t, t, layout)], class_names=CLASS_NAMES, labels=labels,
+        thumbnail_shape=size, mask_shape=size if with_masks else None,
+        attributions=[AttributionSpec("saliency", size, "pixel"), AttributionSpec("rollout", grid, "patch")],
+        batch_size=batch_size, compression=compression, extraction_params={"synthetic": True},
+    )
+    with w:
+        for start in range(0, n_samples, batch_size):
+            idx = range(start, min(start + batch_size, n_samples))
+            b = len(idx)
+            maps = np.stack([maps_fn(i) if maps_fn else random_attention(rng, (n_layers, n_heads, t, t)) for i in idx])
+            preds = labels[list(idx)].copy()
+            if 1 in idx:
+                preds[list(idx).index(1)] = (labels[1] + 1) % 3
+            logits = rng.standard_normal((b, 3)).astype(np.float32)
+            logits[np.arange(b), preds] += 5
+            thumbs = rng.integers(0, 255, (b, *size, 3), dtype=np.uint8)
+            masks = np.zeros((b, *size), np.uint8)
+            masks[:, size[0] // 4 : size[0] // 2, size[1] // 4 : size[1] // 2] = 1
+            w.write(SampleBatch(start=start, attention={"self": maps}, predictions=preds, logits=logits,
+                                thumbnails=thumbs, masks=masks if with_masks else None,
+                                attributions={"saliency": rng.standard_normal((b, *size)).astype(np.float32),
+                                              "rollout": rng.random((b, *grid)).astype(np.float32)}))
+        w.finish()
+    return Path(path)
