@@ -1,0 +1,163 @@
+"""Basic per-head attention statistics: entropy, confidence, attention to prefix tokens (CLS).
+
+For one head, one input and one query position ``q`` with attention row ``a = A[q, :]``
+(a probability distribution over the key positions ``k``; rows sum to 1):
+
+* ``entropy``: attention entropy in nats, ``H(a) = -sum_k a_k log a_k`` (with ``0 log 0 = 0``).
+  0 when the query attends to a single key; ``log(n_keys)`` for uniform attention.
+  (Shannon entropy of the attention distribution, as used for heads by e.g. Clark et al. 2019,
+  "What Does BERT Look At?", BlackboxNLP, Sec. 3.3.)
+* ``confidence``: the largest weight, ``max_k a_k``; 1 for one-hot attention, ``1/n_keys`` for
+  uniform. (Voita et al. 2019, "Analyzing Multi-Head Self-Attention: Specialized Heads Do the
+  Heavy Lifting, the Rest Can Be Pruned", ACL, Sec. 4.1: "the average of its maximum attention
+  weight excluding the end of sentence symbol"; here no token is excluded.)
+* ``cls_attention``: the mass on the prefix tokens (CLS, distillation, registers: the first
+  ``layout.n_prefix`` keys), ``sum_{k < n_prefix} a_k``; only for stacks with prefix tokens.
+
+Each statistic is averaged over every valid query position of every sample (each (sample, query)
+pair weighs the same), giving float ``[n_layers, n_heads]``. Computed by streaming over samples
+with :meth:`Recording.iter_attention` (one batch in memory), in float64 accumulators.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from attnviz.store.reader import Recording
+from attnviz.store.schema import HeadMetricInfo
+
+__all__ = [
+    "HeadStats",
+    "METRIC_INFO",
+    "STAT_NAMES",
+    "map_stats",
+    "compute_head_stats",
+    "compute_and_store",
+]
+
+STAT_NAMES = ("entropy", "confidence", "cls_attention")
+
+_CLARK = ("Clark, Khandelwal, Levy & Manning (2019), What Does BERT Look At? An Analysis of BERT's Attention, "
+          "BlackboxNLP, Sec. 3.3")
+_VOITA = ("Voita, Talbot, Moiseev, Sennrich & Titov (2019), Analyzing Multi-Head Self-Attention: Specialized Heads "
+          "Do the Heavy Lifting, the Rest Can Be Pruned, ACL, Sec. 4.1")
+
+METRIC_INFO: dict[str, HeadMetricInfo] = {
+    "entropy": HeadMetricInfo(
+        name="entropy", definition="mean over samples and query positions of -sum_k a_qk log a_qk (nats)",
+        citation=_CLARK, units="nats", higher_is_more_important=False),
+    "confidence": HeadMetricInfo(
+        name="confidence", definition="mean over samples and query positions of max_k a_qk",
+        citation=_VOITA, units="", higher_is_more_important=True),
+    "cls_attention": HeadMetricInfo(
+        name="cls_attention",
+        definition="mean over samples and query positions of sum_{k < n_prefix} a_qk (mass on CLS/prefix tokens)",
+        citation="attention to the [CLS] token as in Clark et al. (2019), Sec. 3.2", units="",
+        higher_is_more_important=True),
+}
+
+
+@dataclass(frozen=True)
+class HeadStats:
+    """Per-head statistics of one attention stack, each float64 ``[n_layers, n_heads]``.
+
+    ``cls_attention`` is None for a stack without prefix tokens. ``n_samples`` samples were used.
+    """
+
+    kind: str
+    entropy: np.ndarray
+    confidence: np.ndarray
+    cls_attention: np.ndarray | None
+    n_samples: int
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        d = {"entropy": self.entropy, "confidence": self.confidence}
+        if self.cls_attention is not None:
+            d["cls_attention"] = self.cls_attention
+        return d
+
+
+def map_stats(maps: np.ndarray, n_prefix: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-query statistics of attention maps.
+
+    Args:
+        maps: float ``[..., query_pos, key_pos]``, rows summing to 1.
+        n_prefix: number of prefix keys (CLS, ...) whose mass is ``cls_attention``.
+
+    Returns:
+        ``(entropy, confidence, prefix_mass)``, each float64 ``[..., query_pos]``.
+    """
+    a = np.clip(np.asarray(maps, dtype=np.float64), 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0)), 0.0)
+    entropy = -plogp.sum(axis=-1)
+    confidence = a.max(axis=-1)
+    prefix = a[..., :n_prefix].sum(axis=-1) if n_prefix else np.zeros(a.shape[:-1])
+    return entropy, confidence, prefix
+
+
+def compute_head_stats(rec: Recording, kind: str | None = None, *, max_samples: int | None = None,
+                       batch_size: int = 4) -> HeadStats:
+    """Stream over the (first ``max_samples``) samples and average the statistics per head.
+
+    Args:
+        rec: an open recording.
+        kind: attention kind (default: the recording's main kind).
+        max_samples: use only the first N samples (None: all written samples).
+        batch_size: samples read per HDF5 read.
+
+    Returns:
+        :class:`HeadStats` of shape ``[n_layers, n_heads]`` of that stack.
+    """
+    kind = kind or rec.main_kind
+    n_layers, n_heads = rec.stack_shape(kind)
+    n_prefix = rec.layout(kind).n_prefix
+    n = rec.n_samples if max_samples is None else min(rec.n_samples, max(0, int(max_samples)))
+    sums = np.zeros((3, n_layers, n_heads), np.float64)
+    n_queries = 0
+    for idx, batch in rec.iter_attention(kind, samples=np.arange(n), batch_size=batch_size):
+        for j, s in enumerate(idx):
+            q, k = rec.lengths(int(s), kind)
+            for layer in range(n_layers):  # one layer at a time keeps float64 copies small
+                ent, conf, pre = map_stats(batch[j, layer, :, :q, :k], n_prefix)
+                sums[0, layer] += ent.sum(-1)
+                sums[1, layer] += conf.sum(-1)
+                sums[2, layer] += pre.sum(-1)
+            n_queries += q
+    if n_queries == 0:
+        nan = np.full((n_layers, n_heads), np.nan)
+        return HeadStats(kind, nan, nan.copy(), nan.copy() if n_prefix else None, 0)
+    mean = sums / n_queries
+    return HeadStats(kind=kind, entropy=mean[0], confidence=mean[1],
+                     cls_attention=mean[2] if n_prefix else None, n_samples=n)
+
+
+def compute_and_store(path: str | os.PathLike, *, max_samples: int | None = None,
+                      kind: str | None = None) -> HeadStats:
+    """Compute the statistics of a complete recording and store them as head metrics.
+
+    Writes ``head_metrics/entropy``, ``head_metrics/confidence`` and (with prefix tokens)
+    ``head_metrics/cls_attention`` with their definitions and citations (:data:`METRIC_INFO`).
+
+    Raises:
+        RecordingError: the file is not a complete recording.
+    """
+    from attnviz.store.cache import open_for_update, write_head_metric
+
+    with Recording(path) as rec:
+        stats = compute_head_stats(rec, kind, max_samples=max_samples)
+    params = {"max_samples": max_samples, "n_samples": stats.n_samples}
+    f = open_for_update(path)
+    try:
+        for name, values in stats.as_dict().items():
+            base = METRIC_INFO[name]
+            info = HeadMetricInfo(name=name, kind=stats.kind, definition=base.definition, citation=base.citation,
+                                  units=base.units, higher_is_more_important=base.higher_is_more_important,
+                                  params=params)
+            write_head_metric(f, info, values)
+    finally:
+        f.close()
+    return stats

@@ -1,0 +1,255 @@
+"""``attnviz report``: the dashboard's views as image files (PNG/SVG) plus an ``index.html``.
+
+Views come from a small registry. A view is a function ``(rec, sample) -> figures`` returning a
+``go.Figure``, a list of ``(suffix, go.Figure)``, or None when the recording lacks its data (it is
+then skipped). Global views get ``sample=None``; per-sample views run once per chosen sample.
+Figures are built by the same pure ``attnviz.figures`` functions the dashboard uses.
+
+Adding views (no Dash imports in that module)::
+
+    from attnviz.report import register_view
+
+    @register_view("spatial_trend", "Mean attention distance across layers", order=40)
+    def _spatial_trend(rec, sample):
+        if "mean_attention_distance" not in rec.head_metrics():
+            return None
+        return fig_distance_trend(rec.head_metric("mean_attention_distance"))
+
+and add the module's import path to :data:`VIEW_MODULES` (one line). Images are exported with
+kaleido, one Chromium for the whole batch (``kaleido.start_sync_server``), with explicit
+width/height (a figure's own layout width/height wins where it sets them).
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from attnviz.errors import InputError
+from attnviz.store.reader import Recording
+
+__all__ = ["ReportView", "VIEWS", "VIEW_MODULES", "register_view", "parse_samples", "write_report",
+           "collect_figures", "CHROMIUM_HINT"]
+
+#: Modules whose import registers report views (each with ``@register_view``).
+VIEW_MODULES: tuple[str, ...] = (
+    "attnviz.report",
+)
+
+CHROMIUM_HINT = ("image export needs Chromium: install it (`apt-get install -y chromium`, or run "
+                 "`plotly_get_chrome`) or point BROWSER_PATH at a Chrome/Chromium binary")
+
+ViewResult = Any  # go.Figure | list[tuple[str, go.Figure]] | None
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """One exportable view. ``make(rec, sample)``; ``per_sample`` views get each chosen sample."""
+
+    name: str
+    title: str
+    make: Callable[[Recording, int | None], ViewResult]
+    per_sample: bool = False
+    order: int = 100
+
+
+VIEWS: dict[str, ReportView] = {}
+
+
+def register_view(name: str, title: str, *, per_sample: bool = False, order: int = 100):
+    """Decorator: add ``fn(rec, sample)`` to :data:`VIEWS` under ``name`` (replacing one of that name)."""
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"view names are lowercase [a-z0-9_]+, got {name!r}")
+
+    def deco(fn: Callable[[Recording, int | None], ViewResult]):
+        VIEWS[name] = ReportView(name, title, fn, per_sample, order)
+        return fn
+
+    return deco
+
+
+def _load_views() -> list[ReportView]:
+    for mod in VIEW_MODULES:
+        importlib.import_module(mod)
+    return sorted(VIEWS.values(), key=lambda v: (v.order, v.name))
+
+
+def parse_samples(spec: str | None, n_samples: int, default: int = 3) -> list[int]:
+    """``"0,3,10-12"`` -> [0, 3, 10, 11, 12]; ``"all"``; None -> the first ``default``.
+
+    Raises:
+        InputError: malformed, or a sample out of range.
+    """
+    if spec is None:
+        return list(range(min(default, n_samples)))
+    if spec.strip().lower() == "all":
+        return list(range(n_samples))
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise InputError(f"--samples: cannot read {part!r}; use e.g. 0,3,10-12 or all")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if b < a:
+            raise InputError(f"--samples: empty range {part!r}")
+        for s in range(a, b + 1):
+            if s >= n_samples:
+                raise InputError(f"--samples: sample {s} out of range 0..{n_samples - 1}")
+            if s not in out:
+                out.append(s)
+    return out
+
+
+@dataclass(frozen=True)
+class ReportItem:
+    view: ReportView
+    sample: int | None
+    stem: str       # file name without extension
+    label: str      # caption
+    figure: Any
+
+
+def collect_figures(rec: Recording, *, samples: Sequence[int], views: Sequence[str] | None = None) -> list[ReportItem]:
+    """Build every figure of the report (no export yet)."""
+    available = _load_views()
+    if views is not None:
+        known = {v.name for v in available}
+        unknown = [v for v in views if v not in known]
+        if unknown:
+            raise InputError(f"unknown view(s) {', '.join(unknown)}; available: {', '.join(sorted(known))}")
+        available = [v for v in available if v.name in views]
+    items: list[ReportItem] = []
+    for view in available:
+        for sample in (samples if view.per_sample else [None]):
+            for suffix, fig in _figures(view.make(rec, sample)):
+                parts = [view.name] + ([f"s{sample}"] if sample is not None else []) + ([suffix] if suffix else [])
+                label = view.title + (f" — sample {sample} ({rec.sample_ids[sample]})" if sample is not None else "")
+                if suffix:
+                    label += f" — {suffix.replace('_', ' ')}"
+                items.append(ReportItem(view, sample, "_".join(parts), label, fig))
+    return items
+
+
+def _figures(result: ViewResult) -> Iterable[tuple[str, Any]]:
+    if result is None:
+        return []
+    if isinstance(result, (list, tuple)):
+        return [(re.sub(r"[^a-z0-9_]+", "_", s.lower()).strip("_"), f) for s, f in result if f is not None]
+    return [("", result)]
+
+
+def write_report(file: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "png", samples: str | None = None,
+                 views: str | Sequence[str] | None = None, width: int = 900, height: int = 600) -> Path:
+    """Write every view of ``file`` as ``fmt`` images into ``out`` plus ``out/index.html``.
+
+    Args:
+        file: a recording.
+        out: output folder (created).
+        fmt: "png" or "svg".
+        samples: per-sample views' samples, e.g. "0,3,10-12" (default: the first 3).
+        views: view names to export (default: all registered).
+        width, height: image size in pixels where a figure does not set its own.
+
+    Returns:
+        The path of ``index.html``.
+
+    Raises:
+        InputError: bad options, or no Chromium for kaleido (one line saying how to install it).
+        RecordingError: the file cannot be opened.
+    """
+    fmt = fmt.lower()
+    if fmt not in ("png", "svg"):
+        raise InputError(f"--format must be png or svg, not {fmt!r}")
+    if width < 10 or height < 10:
+        raise InputError("--width and --height must be at least 10 pixels")
+    if isinstance(views, str):
+        views = [v.strip() for v in views.split(",") if v.strip()]
+    out = Path(out)
+    with Recording(file) as rec:
+        if rec.n_samples == 0:
+            raise InputError(f"{file}: no samples written yet; nothing to report")
+        chosen = parse_samples(samples, rec.n_samples)
+        items = collect_figures(rec, samples=chosen, views=views)
+        title = f"{rec.model_name} — {Path(file).name}"
+        summary = (f"{rec.family}, {rec.n_layers} layers × {rec.n_heads} heads, {rec.n_samples} samples"
+                   + ("" if rec.complete else f" (incomplete: {rec.n_samples} of {rec.n_planned})"))
+    out.mkdir(parents=True, exist_ok=True)
+    written = _export(items, out, fmt, width, height)
+    index = out / "index.html"
+    index.write_text(_index_html(title, summary, written), encoding="utf-8")
+    return index
+
+
+def _export(items: list[ReportItem], out: Path, fmt: str, width: int, height: int) -> list[tuple[ReportItem, str, int, int]]:
+    import kaleido
+    import plotly.io as pio
+
+    written: list[tuple[ReportItem, str, int, int]] = []
+    try:
+        kaleido.start_sync_server(silence_warnings=True)
+    except Exception as e:  # noqa: BLE001 - kaleido/choreographer raise several types for a missing browser
+        raise _browser_error(e) from None
+    try:
+        for it in items:
+            w = int(it.figure.layout.width or width)
+            h = int(it.figure.layout.height or height)
+            name = f"{it.stem}.{fmt}"
+            try:
+                pio.write_image(it.figure, out / name, format=fmt, width=w, height=h)
+            except Exception as e:  # noqa: BLE001
+                raise _browser_error(e) from None
+            written.append((it, name, w, h))
+    finally:
+        try:
+            kaleido.stop_sync_server(silence_warnings=True)
+        except Exception:  # noqa: BLE001 - stopping a server that failed to start
+            pass
+    return written
+
+
+def _browser_error(e: Exception) -> Exception:
+    text = f"{type(e).__name__}: {e}"
+    if "chrom" in text.lower() or "browser" in text.lower():
+        return InputError(CHROMIUM_HINT)
+    return e
+
+
+def _index_html(title: str, summary: str, written: list[tuple[ReportItem, str, int, int]]) -> str:
+    rows = []
+    for it, name, w, h in written:
+        rows.append(f'<figure><a href="{html.escape(name)}"><img src="{html.escape(name)}" width="{w // 2}" '
+                    f'alt="{html.escape(it.label)}"></a><figcaption>{html.escape(it.label)}</figcaption></figure>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;color:#222}} figure{{display:inline-block;margin:1em;vertical-align:top}}
+figcaption{{font-size:0.9em;max-width:460px}} img{{border:1px solid #ddd}}</style></head>
+<body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>
+{chr(10).join(rows)}
+</body></html>
+"""
+
+
+# -- the views of the dashboard's own pages (overview, all heads, explorer) -----------------------
+
+@register_view("all_heads", "All heads", order=10)
+def _all_heads(rec: Recording, sample: int | None) -> ViewResult:
+    from attnviz.analysis.head_stats import compute_head_stats
+    from attnviz.figures.heads import fig_head_grid
+
+    figs = []
+    stored = [m for m in rec.head_metrics() if rec.head_metric(m).shape == rec.stack_shape()]
+    for name in stored:
+        info = rec.head_metric_info(name)
+        figs.append((name, fig_head_grid(rec.head_metric(name), metric=name, units=info.units,
+                                         title=f"All heads: {name}")))
+    if not stored:
+        stats = compute_head_stats(rec, max_samples=None if rec.n_samples <= 64 else 64)
+        for name, values in stats.as_dict().items():
+            figs.append((name, fig_head_grid(values, metric=name, title=f"All heads: {name} ({stats.n_samples} samples)")))
+    return figs
