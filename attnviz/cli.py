@@ -48,6 +48,66 @@ def info(
     typer.echo(json.dumps(d, indent=2) if as_json else format_description(d))
 
 
+@app.command()
+def analyze(
+    file: Path = typer.Argument(..., help="A complete recording (.h5); results are added to it."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
+                                              help="Head statistics from the first N samples only."),
+) -> None:
+    """Compute derived per-head results and store them in the recording.
+
+    Always: head statistics (entropy, confidence, CLS attention). Further analyses are options.
+    """
+    # Extending: add an option above (e.g. `--spatial`) and one step below; import lazily.
+    from attnviz.analysis.head_stats import compute_and_store
+
+    stats = compute_and_store(file, max_samples=max_samples)
+    typer.echo(f"{file}: head statistics {', '.join(stats.as_dict())} from {stats.n_samples} sample(s)")
+
+
+@app.command()
+def serve(
+    files: Optional[list[Path]] = typer.Argument(None, help="Recordings or folders of them (default: sample_data/)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: every interface)."),
+    port: int = typer.Option(8050, "--port", help="TCP port."),
+    workers: int = typer.Option(4, "--workers", help="Worker threads of the waitress server."),
+) -> None:
+    """Open the dashboard over recordings (waitress server; debug off)."""
+    from attnviz.app.server import serve as run_server
+
+    run_server(files or [], host=host, port=port, workers=workers)
+
+
+@app.command()
+def demo(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind."),
+    port: int = typer.Option(8050, "--port", help="TCP port."),
+    workers: int = typer.Option(4, "--workers", help="Worker threads of the waitress server."),
+) -> None:
+    """Open the dashboard on the bundled demo recordings (sample_data/*.h5)."""
+    from attnviz.app.server import sample_data_files, serve as run_server
+
+    run_server(sample_data_files(), host=host, port=port, workers=workers)
+
+
+@app.command()
+def report(
+    file: Path = typer.Argument(..., help="A recording (.h5)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (created) for the images and index.html."),
+    fmt: str = typer.Option("png", "--format", help="png or svg."),
+    samples: Optional[str] = typer.Option(None, "--samples", help="Samples for per-sample views, e.g. 0,3,10-12 "
+                                          "(default: the first 3)."),
+    views: Optional[str] = typer.Option(None, "--views", help="Comma-separated view names (default: all)."),
+    width: int = typer.Option(900, "--width", help="Image width in pixels."),
+    height: int = typer.Option(600, "--height", help="Image height in pixels."),
+) -> None:
+    """Export the dashboard's views as PNG/SVG images plus an index.html linking them."""
+    from attnviz.report import write_report
+
+    index = write_report(file, out, fmt=fmt, samples=samples, views=views, width=width, height=height)
+    typer.echo(f"wrote {index}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the typer app, turning user errors into one line and exit code 2."""
     try:
