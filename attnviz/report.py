@@ -39,6 +39,7 @@ __all__ = ["ReportView", "VIEWS", "VIEW_MODULES", "register_view", "parse_sample
 #: Modules whose import registers report views (each with ``@register_view``).
 VIEW_MODULES: tuple[str, ...] = (
     "attnviz.report",
+    "attnviz.figures.spatial",
 )
 
 CHROMIUM_HINT = ("image export needs Chromium: install it (`apt-get install -y chromium`, or run "
