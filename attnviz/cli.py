@@ -53,6 +53,8 @@ def analyze(
     file: Path = typer.Argument(..., help="A complete recording (.h5); results are added to it."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
                                               help="Head statistics from the first N samples only."),
+    spatial: bool = typer.Option(True, "--spatial/--no-spatial",
+                                 help="Spatial attention profiles over all samples (cached; reused when unchanged)."),
 ) -> None:
     """Compute derived per-head results and store them in the recording.
 
@@ -63,6 +65,11 @@ def analyze(
 
     stats = compute_and_store(file, max_samples=max_samples)
     typer.echo(f"{file}: head statistics {', '.join(stats.as_dict())} from {stats.n_samples} sample(s)")
+    if spatial:
+        from attnviz.analysis.spatial import analyze_step
+
+        for line in analyze_step(file):
+            typer.echo(f"{file}: {line}")
 
 
 @app.command()
