@@ -73,7 +73,9 @@ def format_description(d: dict[str, Any]) -> str:
     if d["accuracy"] is not None:
         lines.append(f"  accuracy   {d['accuracy']:.1%}")
     for kind, s in d["stacks"].items():
-        geo = f", grid {s['grid'][0]}x{s['grid'][1]} of {s['patch_size'][0]}x{s['patch_size'][1]} px" if s["grid"] else ""
+        geo = f", grid {s['grid'][0]}x{s['grid'][1]}" if s["grid"] else ""
+        if s["grid"] and s["patch_size"]:
+            geo += f" of {s['patch_size'][0]}x{s['patch_size'][1]} px"
         pre = f", prefix tokens {','.join(s['prefix_tokens'])}" if s["prefix_tokens"] else ""
         lines.append(f"  attention  {kind}: {s['layers']}x{s['heads']}{geo}{pre}")
     if d["classes"]:

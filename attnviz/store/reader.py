@@ -8,6 +8,7 @@ open (format name, version, required datasets, consistent shapes); every problem
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -48,6 +49,8 @@ class Recording:
         self.path = Path(path)
         if not self.path.exists():
             raise RecordingError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise RecordingError(f"{self.path}: is a directory, not a recording (.h5)")
         try:
             # no file locking: the dashboard may read while `attnviz analyze` adds to the file
             self._f = h5py.File(self.path, "r", locking=False)
@@ -57,6 +60,13 @@ class Recording:
             raise RecordingError(f"{self.path}: cannot be read: {why}") from None
         try:
             self._validate()
+        except RecordingError:
+            self._f.close()
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
+            # h5py reports damaged metadata or data with these; one line, naming the file
+            self._f.close()
+            raise RecordingError(f"{self.path}: cannot be read: damaged ({_first_line(e)})") from None
         except BaseException:
             self._f.close()
             raise
@@ -64,39 +74,76 @@ class Recording:
     # -- validation ------------------------------------------------------------------------
 
     def _validate(self) -> None:
-        a = self._f.attrs
-        if a.get(S.ATTR_FORMAT) != S.FORMAT_NAME:
-            raise RecordingError(f"{self.path}: not an attnviz recording (root attribute 'format' is not {S.FORMAT_NAME!r})")
-        version = int(a.get(S.ATTR_VERSION, -1))
+        """Check what every reader method relies on; cheap (attributes, shapes, a few small arrays)."""
+        f, a, p = self._f, self._f.attrs, self.path
+        fmt = a.get(S.ATTR_FORMAT)
+        if fmt is None or _str(fmt) != S.FORMAT_NAME:
+            raise RecordingError(f"{p}: not an attnviz recording (root attribute 'format' is not {S.FORMAT_NAME!r})")
+        if S.ATTR_VERSION not in a:
+            raise RecordingError(f"{p}: root attribute 'format_version' is missing; the file is not a valid recording")
+        raw = a[S.ATTR_VERSION]
+        try:
+            version = int(raw)
+        except (TypeError, ValueError):
+            raise RecordingError(f"{p}: format version {_str(raw)!r} is not an integer") from None
         if version != S.FORMAT_VERSION:
-            hint = "upgrade attnviz" if version > S.FORMAT_VERSION else "record it again with this attnviz"
-            raise RecordingError(f"{self.path}: format version {version}, this attnviz reads version {S.FORMAT_VERSION}; {hint}")
+            hint = ("written by a newer attnviz; upgrade attnviz (pip install -U attnviz) to read it"
+                    if version > S.FORMAT_VERSION else "record it again with this attnviz")
+            raise RecordingError(f"{p}: format version {version}, this attnviz reads version {S.FORMAT_VERSION}; {hint}")
         missing = [k for k in S.REQUIRED_ROOT_ATTRS if k not in a]
         if missing:
-            raise RecordingError(f"{self.path}: missing root attribute(s) {', '.join(missing)}")
+            raise RecordingError(f"{p}: missing root attribute(s) {', '.join(missing)}")
         family = self.family
         if family not in S.FAMILIES:
-            raise RecordingError(f"{self.path}: unknown family {family!r}")
-        required = list(S.REQUIRED_DATASETS) + [S.maps_path(self.main_kind), S.lengths_path(self.main_kind)]
-        if family in ("vit", "lvlm"):
+            raise RecordingError(f"{p}: unknown family {family!r} (known: {', '.join(S.FAMILIES)})")
+        main = self.main_kind
+        if main != S.MAIN_KIND[family]:
+            raise RecordingError(f"{p}: main_kind {main!r}, a {family} recording's main kind is {S.MAIN_KIND[family]!r}")
+        required = list(S.REQUIRED_DATASETS) + [S.maps_path(main), S.lengths_path(main)]
+        if family in S.THUMBNAIL_FAMILIES:
             required.append(S.D_THUMBNAIL)
         for name in required:
-            if name not in self._f:
-                raise RecordingError(f"{self.path}: required dataset /{name} is missing")
+            if name not in f:
+                raise RecordingError(f"{p}: required dataset /{name} is missing")
         n = int(a[S.ATTR_N_SAMPLES])
-        for name in (S.D_ID, S.D_DONE, S.D_LABEL, S.D_PREDICTION, S.D_LOGITS):
-            if self._f[name].shape[0] != n:
-                raise RecordingError(f"{self.path}: /{name} has {self._f[name].shape[0]} rows, expected {n}")
+        per_sample = [S.D_ID, S.D_DONE, S.D_LABEL, S.D_PREDICTION, S.D_LOGITS, S.D_THUMBNAIL, S.D_MASK, S.D_META]
+        if S.G_ATTRIBUTIONS in f:
+            per_sample += [f"{S.G_ATTRIBUTIONS}/{name}" for name in f[S.G_ATTRIBUTIONS]]
+        for name in per_sample:
+            if name in f and (not f[name].shape or f[name].shape[0] != n):
+                raise RecordingError(f"{p}: /{name} has {f[name].shape[0] if f[name].shape else 0} rows, expected {n}")
+        logits = f[S.D_LOGITS].shape
+        n_classes = len(f[S.D_CLASS_NAMES])
+        if len(logits) != 2 or (n_classes and logits[1] != n_classes):
+            raise RecordingError(f"{p}: /{S.D_LOGITS} has shape {logits}, expected ({n}, {n_classes}) "
+                                 f"for {n_classes} class names")
         for kind in self.kinds:
-            shape = self._f[S.maps_path(kind)].shape
-            if len(shape) != 5 or shape[0] != n:
-                raise RecordingError(f"{self.path}: /{S.maps_path(kind)} has shape {shape}, expected ({n}, L, H, Q, K)")
-        try:  # touch the data: a truncated file often opens but cannot be read
-            self._f[S.D_DONE][()]
+            for name in (S.maps_path(kind), S.lengths_path(kind)):
+                if name not in f:
+                    raise RecordingError(f"{p}: required dataset /{name} is missing")
+            g = f[f"{S.G_ATTENTION}/{kind}"]
+            for attr in (S.ATTR_STACK_N_LAYERS, S.ATTR_STACK_N_HEADS, S.ATTR_LAYOUT):
+                if attr not in g.attrs:
+                    raise RecordingError(f"{p}: /{S.G_ATTENTION}/{kind} lacks its attribute {attr!r}")
+            L, H = int(g.attrs[S.ATTR_STACK_N_LAYERS]), int(g.attrs[S.ATTR_STACK_N_HEADS])
+            shape = g[S.MAPS].shape
+            if len(shape) != 5 or shape[:3] != (n, L, H):
+                raise RecordingError(f"{p}: /{S.maps_path(kind)} has shape {shape}, expected ({n}, {L}, {H}, Q, K)")
+            if kind == main and (L, H) != (self.n_layers, self.n_heads):
+                raise RecordingError(f"{p}: root n_layers x n_heads {self.n_layers}x{self.n_heads} differ from "
+                                     f"the {kind!r} stack's {L}x{H}")
+            lengths = g[S.LENGTHS]
+            if lengths.shape != (n, 2):
+                raise RecordingError(f"{p}: /{S.lengths_path(kind)} has shape {lengths.shape}, expected ({n}, 2)")
+            lens = lengths[()]
+            if (lens < 0).any() or (lens[:, 0] > shape[3]).any() or (lens[:, 1] > shape[4]).any():
+                raise RecordingError(f"{p}: /{S.lengths_path(kind)} has lengths outside the maps' {shape[3]}x{shape[4]}")
+        try:  # touch the data: a damaged file can open and still fail on reading
+            f[S.D_DONE][()]
             if self.n_samples:
-                self._f[S.maps_path(self.main_kind)][self.n_samples - 1, -1, -1, :1, :1]
+                f[S.maps_path(main)][self.n_samples - 1, -1, -1, :1, :1]
         except OSError:
-            raise RecordingError(f"{self.path}: cannot be read: truncated or damaged data") from None
+            raise RecordingError(f"{p}: cannot be read: truncated or damaged data") from None
 
     # -- identity --------------------------------------------------------------------------
 
@@ -140,7 +187,7 @@ class Recording:
 
     @property
     def model_config(self) -> dict[str, Any]:
-        return S.loads(self._f[S.G_MODEL].attrs.get("config", "{}"))
+        return S.loads(self._f[S.G_MODEL].attrs.get(S.ATTR_MODEL_CONFIG, "{}"))
 
     # -- sizes -----------------------------------------------------------------------------
 
@@ -174,11 +221,11 @@ class Recording:
     def stack_shape(self, kind: str | None = None) -> tuple[int, int]:
         """(n_layers, n_heads) of one attention kind."""
         g = self._group(kind)
-        return int(g.attrs["n_layers"]), int(g.attrs["n_heads"])
+        return int(g.attrs[S.ATTR_STACK_N_LAYERS]), int(g.attrs[S.ATTR_STACK_N_HEADS])
 
     def layout(self, kind: str | None = None) -> S.TokenLayout:
         """How the tokens of ``kind`` map onto the input (prefix tokens, patch grid, ...)."""
-        return S.TokenLayout.from_json(self._group(kind).attrs["layout"])
+        return S.TokenLayout.from_json(self._group(kind).attrs[S.ATTR_LAYOUT])
 
     # -- attention ------------------------------------------------------------------------
 
@@ -210,6 +257,7 @@ class Recording:
 
     def lengths(self, sample: int, kind: str | None = None) -> tuple[int, int]:
         """Valid (query_len, key_len) of one sample (maps are padded to the longest sample)."""
+        self._check_sample(sample)
         q, k = self._group(kind)[S.LENGTHS][sample]
         return int(q), int(k)
 
@@ -222,7 +270,12 @@ class Recording:
             :meth:`lengths` where lengths vary.
         """
         ds = self._maps(kind)
-        idx = np.arange(self.n_samples) if samples is None else np.asarray(samples, dtype=np.int64)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        idx = np.arange(self.n_samples) if samples is None else np.asarray(samples, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n_samples):
+            bad = idx[(idx < 0) | (idx >= self.n_samples)][0]
+            raise IndexError(f"sample {bad} out of range 0..{self.n_samples - 1}")
         for i in range(0, len(idx), batch_size):
             chunk = idx[i : i + batch_size]
             if len(chunk) and np.all(np.diff(chunk) == 1):
@@ -263,6 +316,12 @@ class Recording:
         """float32 ``[n_classes]`` for one sample, or ``[n, n_classes]``."""
         if sample is None:
             return self._f[S.D_LOGITS][: self.n_samples]
+        if isinstance(sample, slice):
+            start, stop, step = sample.indices(self.n_samples)
+            if step > 0:
+                return self._f[S.D_LOGITS][start:stop:step] if start < stop else self._f[S.D_LOGITS][0:0]
+            return self._f[S.D_LOGITS][: self.n_samples][sample]
+        self._check_sample(sample)
         return self._f[S.D_LOGITS][sample]
 
     @cached_property
@@ -271,6 +330,7 @@ class Recording:
 
     def thumbnail(self, sample: int) -> np.ndarray:
         """uint8 ``[h, w, 3]``: the input as the model saw it (resized), for display."""
+        self._check_sample(sample)
         return self._f[S.D_THUMBNAIL][sample]
 
     @property
@@ -279,10 +339,12 @@ class Recording:
 
     def mask(self, sample: int) -> np.ndarray | None:
         """uint8 ``[h, w]`` object mask (nonzero = object), or None when the recording has none."""
+        self._check_sample(sample)
         return self._f[S.D_MASK][sample] if self.has_masks else None
 
     def meta(self, sample: int) -> dict[str, Any]:
         """Per-sample metadata (tokens, words, timings, prompts), {} when none."""
+        self._check_sample(sample)
         if S.D_META not in self._f:
             return {}
         raw = self._f[S.D_META][sample]
@@ -306,13 +368,16 @@ class Recording:
 
     def attribution(self, sample: int, method: str) -> np.ndarray:
         """float32 ``[h, w]`` at pixel or patch resolution (see :meth:`attribution_info`)."""
-        return self._dataset(f"{S.G_ATTRIBUTIONS}/{method}", "attribution", self.attribution_methods())[sample]
+        ds = self._dataset(f"{S.G_ATTRIBUTIONS}/{method}", "attribution", self.attribution_methods())
+        self._check_sample(sample)
+        return ds[sample]
 
     def attribution_info(self, method: str) -> S.AttributionSpec:
         ds = self._dataset(f"{S.G_ATTRIBUTIONS}/{method}", "attribution", self.attribution_methods())
-        return S.AttributionSpec(name=method, shape=tuple(ds.shape[1:]), resolution=_str(ds.attrs["resolution"]),
-                                 target=_str(ds.attrs.get("target", "predicted")),
-                                 description=_str(ds.attrs.get("description", "")))
+        return S.AttributionSpec(name=method, shape=tuple(ds.shape[1:]),
+                                 resolution=_str(ds.attrs.get(S.ATTR_RESOLUTION, "pixel")),
+                                 target=_str(ds.attrs.get(S.ATTR_TARGET, "predicted")),
+                                 description=_str(ds.attrs.get(S.ATTR_DESCRIPTION, "")))
 
     # -- head metrics --------------------------------------------------------------------
 
@@ -328,10 +393,11 @@ class Recording:
         ds = self._dataset(f"{S.G_HEAD_METRICS}/{name}", "head metric", self.head_metrics())
         at = ds.attrs
         return S.HeadMetricInfo(
-            name=name, kind=_str(at.get("kind", self.main_kind)), definition=_str(at.get("definition", "")),
-            citation=_str(at.get("citation", "")), units=_str(at.get("units", "")),
-            higher_is_more_important=bool(at.get("higher_is_more_important", True)),
-            params=S.loads(at.get("params", "{}")),
+            name=name, kind=_str(at.get(S.ATTR_METRIC_KIND, self.main_kind)),
+            definition=_str(at.get(S.ATTR_METRIC_DEFINITION, "")),
+            citation=_str(at.get(S.ATTR_METRIC_CITATION, "")), units=_str(at.get(S.ATTR_METRIC_UNITS, "")),
+            higher_is_more_important=bool(at.get(S.ATTR_METRIC_HIGHER, True)),
+            params=S.loads(at.get(S.ATTR_METRIC_PARAMS, "{}")),
         )
 
     # -- analyses cache -------------------------------------------------------------------
@@ -359,6 +425,32 @@ class Recording:
 
     # -- plumbing ------------------------------------------------------------------------
 
+    @contextmanager
+    def _for_update(self) -> Iterator[h5py.File]:
+        """The file opened for update (r+) during the block, read-only again after it.
+
+        HDF5 refuses to open a file for writing that this process holds open read-only, so the
+        read handle is closed for the duration; h5py objects taken from :attr:`h5` before become
+        invalid. Used by :mod:`attnviz.store.cache`.
+        """
+        if not self.complete:
+            raise RecordingError(f"{self.path}: the recording is incomplete; finish it with "
+                                 "`attnviz extract --resume` first")
+        self._f.close()
+        try:
+            f = h5py.File(self.path, "r+", locking=False)
+        except OSError as e:
+            self._f = h5py.File(self.path, "r", locking=False)
+            why = _first_line(e)
+            hint = "; another handle of it is open in this process" if "already open" in why else ""
+            raise RecordingError(f"{self.path}: cannot be opened for writing ({why}){hint}") from None
+        try:
+            yield f
+        finally:
+            f.close()
+            self._f = h5py.File(self.path, "r", locking=False)
+
+
     @property
     def h5(self) -> h5py.File:
         return self._f
@@ -373,10 +465,13 @@ class Recording:
     def _maps(self, kind: str | None) -> h5py.Dataset:
         return self._group(kind)[S.MAPS]
 
-    def _check(self, sample: int, layer: int, head: int, kind: str | None) -> None:
-        n_layers, n_heads = self.stack_shape(kind)
+    def _check_sample(self, sample: int) -> None:
         if not 0 <= sample < self.n_samples:
             raise IndexError(f"sample {sample} out of range 0..{self.n_samples - 1}")
+
+    def _check(self, sample: int, layer: int, head: int, kind: str | None) -> None:
+        n_layers, n_heads = self.stack_shape(kind)
+        self._check_sample(sample)
         if not 0 <= layer < n_layers:
             raise IndexError(f"layer {layer} out of range 0..{n_layers - 1}")
         if not 0 <= head < n_heads:
@@ -409,3 +504,8 @@ class Recording:
 
 def _str(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -8,7 +8,7 @@ here, never type them again.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = [
@@ -29,6 +29,14 @@ __all__ = [
 FORMAT_NAME = "attnviz-recording"
 FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
+# Oldest HDF5 file-format bound the writer uses: files stay readable by HDF5 >= 1.10 (h5py's
+# libver "latest" would tie them to the HDF5 version that wrote them).
+HDF5_LIBVER_LOW = "v110"
+COMPRESSIONS = ("lzf", "gzip", "none")
+# Root attribute target_source: what accuracy-type metrics treat as the truth.
+TARGET_SOURCES = ("label", "prediction")
+# attributions/<name> attribute resolution.
+RESOLUTIONS = ("pixel", "patch")
 
 # Families and the attention kinds each records. The first kind listed for a family is the one
 # `Recording.attention(...)` uses by default when the caller names none.
@@ -43,6 +51,8 @@ FAMILY_KINDS: dict[str, tuple[str, ...]] = {
 }
 # The family's main stack: what rec.n_layers / rec.n_heads describe.
 MAIN_KIND: dict[str, str] = {"vit": "self", "s2t": "cross", "lvlm": "self"}
+# Families whose inputs are images: samples/thumbnail is REQUIRED for them.
+THUMBNAIL_FAMILIES = ("vit", "lvlm")
 
 # Root attributes (all REQUIRED).
 ATTR_FORMAT = "format"
@@ -80,6 +90,27 @@ G_ATTRIBUTIONS = "attributions"
 G_HEAD_METRICS = "head_metrics"
 G_ANALYSES = "analyses"
 D_SKIPPED = "inputs/skipped"
+
+# Attributes of attention/<kind> groups.
+ATTR_STACK_N_LAYERS = "n_layers"
+ATTR_STACK_N_HEADS = "n_heads"
+ATTR_LAYOUT = "layout"
+# Attributes of attributions/<name>.
+ATTR_RESOLUTION = "resolution"
+ATTR_TARGET = "target"
+ATTR_DESCRIPTION = "description"
+# Attribute of /model.
+ATTR_MODEL_CONFIG = "config"
+# Attributes of head_metrics/<name>.
+ATTR_METRIC_KIND = "kind"
+ATTR_METRIC_DEFINITION = "definition"
+ATTR_METRIC_CITATION = "citation"
+ATTR_METRIC_UNITS = "units"
+ATTR_METRIC_HIGHER = "higher_is_more_important"
+ATTR_METRIC_PARAMS = "params"
+# Attributes of analyses/<name>.
+ATTR_ANALYSIS_PARAMS = "params"
+ATTR_ANALYSIS_CREATED = "created"
 
 REQUIRED_ROOT_ATTRS = (
     ATTR_FORMAT,
@@ -164,7 +195,9 @@ class TokenLayout:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> TokenLayout:
-        d = loads(text)
+        """Parse a stored layout; keys this version does not know are ignored (forward compatible)."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in loads(text).items() if k in known}
         for key in ("grid", "patch_size", "image_size"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -49,10 +50,11 @@ def check_output_path(out: str | os.PathLike, *, overwrite: bool = False, resume
     if overwrite and resume:
         raise InputError("--overwrite and --resume cannot be used together")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
+    if not parent.is_dir():
         raise InputError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output directory {parent} is not writable")
+    if out.is_dir():
+        raise InputError(f"{out} is a directory; --out must name a file such as run.h5")
+    _probe_writable(parent)
     if resume:
         if out.exists() and not part.exists():
             raise InputError(f"{out} is already complete: nothing to resume (use --overwrite to record again)")
@@ -63,6 +65,16 @@ def check_output_path(out: str | os.PathLike, *, overwrite: bool = False, resume
         raise InputError(f"{out} exists: pass --overwrite to replace it or choose another --out")
     if part.exists() and not overwrite:
         raise InputError(f"{part} exists (an interrupted run): pass --resume to continue it or --overwrite to start again")
+
+
+def _probe_writable(directory: Path) -> None:
+    """Create and delete a file: ``os.access`` says yes to root even on read-only directories."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".attnviz-probe-", dir=directory)
+    except OSError as e:
+        raise InputError(f"output directory {directory} is not writable ({e.strerror or _short(e)})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 @dataclass
@@ -108,6 +120,13 @@ class RecordingWriter:
         self._f = h5
         self.batch_size = int(h5.attrs[S.ATTR_BATCH_SIZE])
         self.n_samples = int(h5.attrs[S.ATTR_N_SAMPLES])
+        # per-sample shapes, read once so that write() checks a batch in the caller's thread
+        self._maps_shape = {kind: tuple(h5[S.maps_path(kind)].shape[1:]) for kind in h5[S.G_ATTENTION]}
+        self._attr_shape = {name: tuple(ds.shape[1:]) for name, ds in h5[S.G_ATTRIBUTIONS].items()} \
+            if S.G_ATTRIBUTIONS in h5 else {}
+        self._n_classes = int(h5[S.D_LOGITS].shape[1])
+        self._thumb_shape = tuple(h5[S.D_THUMBNAIL].shape[1:]) if S.D_THUMBNAIL in h5 else None
+        self._mask_shape = tuple(h5[S.D_MASK].shape[1:]) if S.D_MASK in h5 else None
         self._error: BaseException | None = None
         self._queue: queue.Queue[SampleBatch | None] | None = None
         self._thread: threading.Thread | None = None
@@ -153,28 +172,72 @@ class RecordingWriter:
             compression: "lzf" (default, fast), "gzip" or "none".
             target_source: "label" or "prediction": what accuracy-type metrics treat as the truth.
         """
+        # everything is checked before the file exists: a refused call leaves nothing behind
         if family not in S.FAMILIES:
             raise InputError(f"unknown family {family!r}; known: {', '.join(S.FAMILIES)}")
         n = len(sample_ids)
         if n == 0:
             raise InputError("no samples to record")
+        if int(batch_size) < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        comp = _compression(compression)
+        kinds = [st.kind for st in stacks]
+        unknown = [k for k in kinds if k not in S.FAMILY_KINDS[family]]
+        if unknown:
+            raise InputError(f"a {family} recording has no {unknown[0]!r} attention; "
+                             f"its kinds are {', '.join(S.FAMILY_KINDS[family])}")
+        if len(set(kinds)) != len(kinds):
+            raise InputError(f"attention kinds given twice: {kinds}")
+        main = S.MAIN_KIND[family]
+        main_stack = next((st for st in stacks if st.kind == main), None)
+        if main_stack is None:
+            raise InputError(f"a {family} recording needs the {main!r} attention stack")
+        for st in stacks:
+            if min(st.n_layers, st.n_heads, st.max_query, st.max_key) < 1:
+                raise InputError(f"attention stack {st.kind!r} has an empty dimension: {st}")
+        if target_source not in S.TARGET_SOURCES:
+            raise InputError(f"target_source must be one of {', '.join(S.TARGET_SOURCES)}, got {target_source!r}")
+        for spec in attributions:
+            if spec.resolution not in S.RESOLUTIONS:
+                raise InputError(f"attribution {spec.name!r}: resolution must be one of {', '.join(S.RESOLUTIONS)}")
+        if family in S.THUMBNAIL_FAMILIES and thumbnail_shape is None:
+            raise InputError(f"a {family} recording needs thumbnails (thumbnail_shape)")
+        lab = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+        if lab.shape != (n,):
+            raise InputError(f"labels have shape {lab.shape}, expected ({n},)")
         out = Path(out)
         part = partial_path(out)
         if part.exists():
             if not overwrite:
                 raise InputError(f"{part} exists: pass --resume or --overwrite")
             part.unlink()
-        comp = _compression(compression)
         try:
-            f = h5py.File(part, "w", libver="latest")
+            # low bound v110: readable by any HDF5 >= 1.10, not only by the HDF5 that wrote it
+            f = h5py.File(part, "w", libver=(S.HDF5_LIBVER_LOW, "latest"))
         except OSError as e:  # unwritable directory and the like
             raise InputError(f"cannot write {part}: {_short(e)}") from None
-        main = S.MAIN_KIND[family]
-        main_stack = next((s for s in stacks if s.kind == main), None)
-        if main_stack is None:
+        try:
+            cls._allocate(f, family=family, model_name=model_name, model_class=model_class, sample_ids=sample_ids,
+                          stacks=stacks, main_stack=main_stack, class_names=class_names, labels=lab,
+                          thumbnail_shape=thumbnail_shape, mask_shape=mask_shape, attributions=attributions,
+                          batch_size=batch_size, comp=comp, model_config=model_config,
+                          extraction_params=extraction_params, target_source=target_source, skipped=skipped,
+                          with_meta=with_meta)
+        except BaseException:
             f.close()
-            part.unlink()
-            raise InputError(f"a {family} recording needs the {main!r} attention stack")
+            part.unlink(missing_ok=True)
+            raise
+        return cls(out, f, background=background)
+
+    @staticmethod
+    def _allocate(f: h5py.File, *, family: str, model_name: str, model_class: str, sample_ids: Sequence[str],
+                  stacks: Sequence[S.StackSpec], main_stack: S.StackSpec, class_names: Sequence[str],
+                  labels: np.ndarray, thumbnail_shape: tuple[int, int] | None, mask_shape: tuple[int, int] | None,
+                  attributions: Sequence[S.AttributionSpec], batch_size: int, comp: dict[str, Any],
+                  model_config: dict[str, Any] | None, extraction_params: dict[str, Any] | None,
+                  target_source: str, skipped: Sequence[tuple[str, str]], with_meta: bool) -> None:
+        n = len(sample_ids)
+        main = main_stack.kind
         a = f.attrs
         a[S.ATTR_FORMAT] = S.FORMAT_NAME
         a[S.ATTR_VERSION] = S.FORMAT_VERSION
@@ -196,16 +259,14 @@ class RecordingWriter:
 
         f.create_dataset(S.D_ID, data=np.array(list(sample_ids), dtype=object), dtype=_STR)
         f.create_dataset(S.D_DONE, shape=(n,), dtype=bool, fillvalue=False)
-        lab = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
-        if lab.shape != (n,):
-            raise InputError(f"labels have shape {lab.shape}, expected ({n},)")
-        f.create_dataset(S.D_LABEL, data=lab)
+        f.create_dataset(S.D_LABEL, data=labels)
         f.create_dataset(S.D_PREDICTION, shape=(n,), dtype=np.int32, fillvalue=-1)
         n_classes = max(len(class_names), 1)
-        f.create_dataset(S.D_LOGITS, shape=(n, n_classes), dtype=np.float32, chunks=(min(n, 256), n_classes))
-        model = f.require_group(S.G_MODEL)
-        model.create_dataset("class_names", data=np.array(list(class_names), dtype=object), dtype=_STR)
-        model.attrs["config"] = S.dumps(model_config or {})
+        # at most ~1 MB of logits per chunk (a language model has tens of thousands of classes)
+        rows = max(1, min(n, 256, (1 << 20) // (4 * n_classes)))
+        f.create_dataset(S.D_LOGITS, shape=(n, n_classes), dtype=np.float32, chunks=(rows, n_classes))
+        f.create_dataset(S.D_CLASS_NAMES, data=np.array(list(class_names), dtype=object), dtype=_STR)
+        f[S.G_MODEL].attrs[S.ATTR_MODEL_CONFIG] = S.dumps(model_config or {})
         if thumbnail_shape is not None:
             th, tw = thumbnail_shape
             f.create_dataset(S.D_THUMBNAIL, shape=(n, th, tw, 3), dtype=np.uint8,
@@ -217,9 +278,9 @@ class RecordingWriter:
             f.create_dataset(S.D_META, shape=(n,), dtype=_STR)
         for st in stacks:
             g = f.create_group(f"{S.G_ATTENTION}/{st.kind}")
-            g.attrs["n_layers"] = st.n_layers
-            g.attrs["n_heads"] = st.n_heads
-            g.attrs["layout"] = st.layout.to_json()
+            g.attrs[S.ATTR_STACK_N_LAYERS] = st.n_layers
+            g.attrs[S.ATTR_STACK_N_HEADS] = st.n_heads
+            g.attrs[S.ATTR_LAYOUT] = st.layout.to_json()
             # one (sample, layer, head) map per chunk: a head is read alone
             g.create_dataset(S.MAPS, shape=(n, st.n_layers, st.n_heads, st.max_query, st.max_key),
                              dtype=np.float16, chunks=(1, 1, 1, st.max_query, st.max_key), **comp)
@@ -227,12 +288,11 @@ class RecordingWriter:
         for spec in attributions:
             d = f.create_dataset(f"{S.G_ATTRIBUTIONS}/{spec.name}", shape=(n, *spec.shape), dtype=np.float32,
                                  chunks=(1, *spec.shape), **comp)
-            d.attrs["resolution"] = spec.resolution
-            d.attrs["target"] = spec.target
-            d.attrs["description"] = spec.description
+            d.attrs[S.ATTR_RESOLUTION] = spec.resolution
+            d.attrs[S.ATTR_TARGET] = spec.target
+            d.attrs[S.ATTR_DESCRIPTION] = spec.description
         f.create_dataset(S.D_SKIPPED, data=np.array([f"{p}\t{r}" for p, r in skipped], dtype=object), dtype=_STR)
         f.flush()
-        return cls(out, f, background=background)
 
     @classmethod
     def resume(cls, out: str | os.PathLike, *, sample_ids: Sequence[str] | None = None,
@@ -245,16 +305,23 @@ class RecordingWriter:
             f = h5py.File(part, "r+")
         except OSError as e:
             raise RecordingError(f"{part}: cannot be resumed, the file is damaged ({_short(e)}); use --overwrite") from None
-        if f.attrs.get(S.ATTR_FORMAT) != S.FORMAT_NAME or int(f.attrs.get(S.ATTR_VERSION, -1)) != S.FORMAT_VERSION:
+        try:
+            if (_str(f.attrs.get(S.ATTR_FORMAT, "")) != S.FORMAT_NAME
+                    or f.attrs.get(S.ATTR_VERSION) != S.FORMAT_VERSION):
+                raise RecordingError(f"{part}: not a partial attnviz v{S.FORMAT_VERSION} recording; use --overwrite")
+            if sample_ids is not None:
+                stored = [_str(s) for s in f[S.D_ID][()]]
+                if stored != [str(s) for s in sample_ids]:
+                    raise InputError(f"{part} was recorded from other inputs ({len(stored)} samples, "
+                                     f"now {len(sample_ids)}); resume with the same --input and --limit, "
+                                     "or use --overwrite")
+            return cls(out, f, background=background)
+        except (OSError, KeyError, RuntimeError, ValueError) as e:
             f.close()
-            raise RecordingError(f"{part}: not a partial attnviz v{S.FORMAT_VERSION} recording; use --overwrite")
-        if sample_ids is not None:
-            stored = [s.decode() if isinstance(s, bytes) else s for s in f[S.D_ID][()]]
-            if stored != list(sample_ids):
-                f.close()
-                raise InputError(f"{part} was recorded from other inputs ({len(stored)} samples); "
-                                 "resume with the same --input and --limit, or use --overwrite")
-        return cls(out, f, background=background)
+            raise RecordingError(f"{part}: cannot be resumed, the file is damaged ({_short(e)}); use --overwrite") from None
+        except BaseException:
+            f.close()
+            raise
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -280,8 +347,15 @@ class RecordingWriter:
     # -- writing -------------------------------------------------------------------------------
 
     def write(self, batch: SampleBatch) -> None:
-        """Queue one batch for the background thread (blocks when two batches are waiting)."""
+        """Check one batch and queue it for the background thread (blocks when two batches are waiting).
+
+        Raises:
+            ValueError: the batch does not fit the file (sample range, kinds, shapes); raised here, in
+                the caller's thread, before anything is written.
+            Exception: whatever failed in the background thread while writing an earlier batch.
+        """
         self._raise_pending()
+        self._check_batch(batch)
         if self._queue is None:
             self._write_now(batch)
             return
@@ -311,19 +385,67 @@ class RecordingWriter:
             err, self._error = self._error, None
             raise err
 
+    def _check_batch(self, b: SampleBatch) -> None:
+        n = b.size
+        if n < 1 or b.start < 0 or b.start + n > self.n_samples:
+            raise ValueError(f"batch of {n} samples at {b.start} does not fit samples 0..{self.n_samples - 1}")
+
+        def rows(what: str, arr: Any, per_sample: tuple[int, ...] | None = None) -> None:
+            shape = np.shape(arr)
+            if not shape or shape[0] != n:
+                raise ValueError(f"{what}: {shape[0] if shape else 'no'} rows for a batch of {n} samples")
+            if per_sample is not None and tuple(shape[1:]) != per_sample:
+                raise ValueError(f"{what}: per-sample shape {tuple(shape[1:])}, the file has {per_sample}")
+
+        rows("logits", b.logits, (self._n_classes,))
+        if b.labels is not None:
+            rows("labels", b.labels, ())
+        for kind, maps in b.attention.items():
+            if kind not in self._maps_shape:
+                raise ValueError(f"attention kind {kind!r} is not in this file ({', '.join(self._maps_shape)})")
+            L, H, Q, K = self._maps_shape[kind]
+            shape = np.shape(maps)
+            rows(f"attention {kind!r}", maps)
+            if len(shape) != 5 or shape[1:3] != (L, H) or shape[3] > Q or shape[4] > K:
+                raise ValueError(f"attention {kind!r}: shape {shape}, expected ({n}, {L}, {H}, <={Q}, <={K})")
+            if kind in b.lengths:
+                lens = np.asarray(b.lengths[kind])
+                rows(f"lengths {kind!r}", lens, (2,))
+                if (lens < 1).any() or (lens[:, 0] > shape[3]).any() or (lens[:, 1] > shape[4]).any():
+                    raise ValueError(f"lengths {kind!r}: {lens.tolist()} outside 1..{shape[3:]}")
+        for kind in b.lengths:
+            if kind not in b.attention:
+                raise ValueError(f"lengths for {kind!r} without its attention maps")
+        if b.thumbnails is not None and self._thumb_shape is not None:
+            rows("thumbnails", b.thumbnails, self._thumb_shape)
+        if b.masks is not None and self._mask_shape is not None:
+            rows("masks", b.masks, self._mask_shape)
+        if b.meta is not None:
+            rows("meta", b.meta)
+        for name, values in b.attributions.items():
+            if name not in self._attr_shape:
+                raise ValueError(f"attribution {name!r} was not declared when the file was created")
+            rows(f"attribution {name!r}", values, self._attr_shape[name])
+
     def _write_now(self, b: SampleBatch) -> None:
         f = self._f
         sl = slice(b.start, b.start + b.size)
         for kind, maps in b.attention.items():
             ds = f[S.maps_path(kind)]
             maps = np.asarray(maps)
-            if maps.shape[1:] == ds.shape[1:]:
-                ds[sl] = maps.astype(np.float16, copy=False)
-            else:  # variable length: pad into the allocated maximum
-                q, k = maps.shape[-2:]
-                ds[sl, :, :, :q, :k] = maps.astype(np.float16, copy=False)
-            if kind in b.lengths:
-                f[S.lengths_path(kind)][sl] = np.asarray(b.lengths[kind], np.int32)
+            q, k = maps.shape[-2:]
+            if (q, k) != ds.shape[-2:]:
+                # variable length: pad to the allocated maximum here, so every chunk is written whole
+                # (a partial chunk write makes HDF5 read and decompress the chunk first) and the
+                # padding is zero even where an earlier, interrupted attempt left other values
+                padded = np.zeros((b.size, *ds.shape[1:]), np.float16)
+                padded[..., :q, :k] = maps
+                maps = padded
+            ds[sl] = maps.astype(np.float16, copy=False)
+            # without explicit lengths a sample's valid size is the size of the maps given
+            lens = b.lengths.get(kind)
+            lens = np.tile(np.array([[q, k]], np.int32), (b.size, 1)) if lens is None else np.asarray(lens, np.int32)
+            f[S.lengths_path(kind)][sl] = lens
         f[S.D_PREDICTION][sl] = np.asarray(b.predictions, np.int32)
         f[S.D_LOGITS][sl] = np.asarray(b.logits, np.float32)
         if b.labels is not None:
@@ -403,3 +525,7 @@ def _compression(name: str) -> dict[str, Any]:
 
 def _short(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
