@@ -82,6 +82,7 @@ __all__ = [
     "load_spatial",
     "save_spatial",
     "analyze_spatial",
+    "analyze_step",
     "metric_name",
 ]
 
@@ -723,3 +724,39 @@ def analyze_spatial(path: str | os.PathLike, kind: str | None = None, *, batch_s
                                    progress=progress)
     save_spatial(path, profiles)
     return profiles, True
+
+
+def analyze_step(path: str | os.PathLike, *, batch_size: int = 8, show_bar: bool = True) -> list[str]:
+    """The ``attnviz analyze`` step: spatial profiles of every attention kind with a patch grid.
+
+    Returns:
+        One line per kind for the terminal (computed or reused, samples, time, the shallowest and
+        deepest layer's mean distance).
+    """
+    import time
+
+    with Recording(path) as rec:
+        kinds = spatial_kinds(rec)
+        n = rec.n_samples
+    if not kinds:
+        return ["spatial profiles skipped: no attention with a patch grid"]
+    lines = []
+    for kind in kinds:
+        bar = None
+        if show_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=f"spatial ({kind})", unit="img", leave=False)
+        t0 = time.perf_counter()
+        try:
+            prof, computed = analyze_spatial(path, kind, batch_size=batch_size,
+                                             progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        d = prof.mean_distance.mean(1)
+        how = f"computed in {time.perf_counter() - t0:.1f} s" if computed else "cached, unchanged"
+        lines.append(f"spatial profiles ({kind}, {prof.n_samples} image(s), {how}): mean attention distance "
+                     f"{d[0]:.1f} px in layer 0 -> {d[-1]:.1f} px in layer {len(d) - 1} "
+                     f"(uniform attention: {prof.uniform_mean_distance:.1f} px)")
+    return lines

@@ -311,3 +311,18 @@ def test_vision_tower_of_an_lvlm_recording(tmp_path):
     with attnviz.open(tmp_path / "l.h5") as rec:
         assert rec.head_metric("mean_attention_distance").shape == (3, 2)
         assert rec.head_metric_info("mean_attention_distance").kind == "vision"
+
+
+def test_analyze_command_computes_then_reuses_and_can_skip(tmp_path, capsys):
+    from attnviz.cli import main
+
+    path = make_recording(tmp_path / "r.h5", n_samples=3, grid=(2, 2))
+    main(["analyze", str(path)])
+    out = capsys.readouterr().out
+    assert "spatial profiles (self, 3 image(s), computed" in out
+    with attnviz.open(path) as rec:
+        assert "mean_attention_distance" in rec.head_metrics() and rec.analysis_group("spatial/self") is not None
+    main(["analyze", str(path)])
+    assert "cached, unchanged" in capsys.readouterr().out
+    main(["analyze", str(path), "--no-spatial"])
+    assert "spatial" not in capsys.readouterr().out
