@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -110,7 +109,7 @@ def save_analysis(target: str | os.PathLike | Recording | h5py.File, name: str, 
                     g.create_dataset(k, data=arr.astype(str).astype(object), dtype=h5py.string_dtype())
                 else:
                     g.create_dataset(k, data=arr, compression="lzf" if arr.size > 1024 else None)
-            g.attrs[S.ATTR_ANALYSIS_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            g.attrs[S.ATTR_ANALYSIS_CREATED] = S.timestamp()
             # last: the commit mark that load_analysis matches on
             g.attrs[S.ATTR_ANALYSIS_PARAMS] = params_json
         except BaseException:

@@ -8,7 +8,9 @@ here, never type them again.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from typing import Any
 
 __all__ = [
@@ -135,6 +137,17 @@ def maps_path(kind: str) -> str:
 def lengths_path(kind: str) -> str:
     """Path of the per-sample valid (query_len, key_len) of one kind."""
     return f"{G_ATTENTION}/{kind}/{LENGTHS}"
+
+
+def timestamp() -> str:
+    """Now, UTC, ISO 8601 to the second: the ``created`` attributes.
+
+    Honours ``SOURCE_DATE_EPOCH`` (seconds since 1970, the reproducible-builds convention), so a
+    builder can make byte-identical files (``scripts/make_golden_file.py``).
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return when.isoformat(timespec="seconds")
 
 
 def dumps(obj: Any) -> str:

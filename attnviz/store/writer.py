@@ -18,7 +18,6 @@ import queue
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -244,7 +243,7 @@ class RecordingWriter:
         a[S.ATTR_FAMILY] = family
         a[S.ATTR_MODEL_NAME] = model_name
         a[S.ATTR_MODEL_CLASS] = model_class
-        a[S.ATTR_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        a[S.ATTR_CREATED] = S.timestamp()
         a[S.ATTR_COMPLETE] = False
         a[S.ATTR_N_SAMPLES] = n
         a[S.ATTR_N_LAYERS] = main_stack.n_layers
