@@ -79,3 +79,20 @@ def grid_values(rec: Recording, metric: str, kind: str | None = None) -> tuple[n
     why = "the file is incomplete" if not rec.complete else "not stored in the file; run `attnviz analyze FILE`"
     note = f"{metric} estimated from the first {stats.n_samples} sample(s) ({why})."
     return stats.as_dict()[metric], note
+
+
+def lru(rec: Recording, namespace: str, key: Any, make: Callable[[], Any], maxsize: int = 32) -> Any:
+    """Like :func:`memo` but keeps only the ``maxsize`` most recent keys of ``namespace``
+    (per-sample values: memory stays bounded however large the file)."""
+    from collections import OrderedDict
+
+    cache = rec.__dict__.setdefault("_attnviz_app_cache", {})
+    store: OrderedDict = cache.setdefault(("lru", namespace), OrderedDict())
+    if key in store:
+        store.move_to_end(key)
+        return store[key]
+    value = make()
+    store[key] = value
+    while len(store) > maxsize:
+        store.popitem(last=False)
+    return value

@@ -7,13 +7,44 @@ report and the tests use the same functions. Import by module, e.g.
 
 from __future__ import annotations
 
+import base64
+import io
+
+import numpy as np
 import plotly.graph_objects as go
 
-__all__ = ["fig_message", "base_layout", "HEAT_SCALE", "DIVERGING_SCALE", "FONT"]
+__all__ = ["fig_message", "base_layout", "image_data_uri", "decode_data_uri", "HEAT_SCALE", "DIVERGING_SCALE", "FONT",
+           "QUALITATIVE"]
 
 FONT = dict(family="Inter, Segoe UI, Helvetica, Arial, sans-serif", size=12)
 HEAT_SCALE = "Viridis"
 DIVERGING_SCALE = "RdBu_r"
+#: class colours (Tableau 10), cycled for more classes
+QUALITATIVE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
+               "#9c755f", "#bab0ac")
+
+
+def image_data_uri(image: np.ndarray) -> str:
+    """A PNG ``data:`` URI of ``image``: uint8 ``[h, w, 3]`` (RGB) or ``[h, w]`` (grey).
+
+    Plotly ships an image given as a URI as compressed PNG instead of a JSON array of every pixel.
+    """
+    from PIL import Image
+
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_data_uri(uri: str) -> np.ndarray:
+    """The pixels of a PNG ``data:`` URI (inverse of :func:`image_data_uri`), uint8 ``[h, w, c]``."""
+    from PIL import Image
+
+    raw = base64.b64decode(uri.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(raw)))
 
 
 def base_layout(fig: go.Figure, *, title: str | None = None, height: int | None = None,

@@ -1,17 +1,175 @@
-"""Attention explorer page (placeholder until filled in)."""
+"""Attention explorer ("/explorer"): click a patch to make it the query; its attention for the
+selected head over the image; the same query for all heads of the layer; CLS attention; rollout
+and attributions beside the object mask; the raw token-by-token matrix on demand."""
 
 from __future__ import annotations
 
-import dash
-from dash import html
+from typing import Any
 
-from attnviz.app.components import HeadGrid
+import dash
+from dash import Input, Output, callback, ctx, dcc, html, no_update
+
+from attnviz.app import ids
+from attnviz.app.components import HeadGrid, graph
+from attnviz.app.selection import patch, resolve
+from attnviz.app.views import (
+    attribution_panels,
+    cls_overlay,
+    explorer_kind,
+    head_multiples,
+    query_of_cell,
+    query_overlay,
+    token_matrix,
+)
+from attnviz.figures import fig_message
+from attnviz.figures.explorer import cell_of_point
 
 dash.register_page(__name__, path="/explorer", name="Explorer", order=1, title="attnviz - explorer")
 
 P = "explorer"
+LAYER = ids.page_id(P, "layer")
+HEAD = ids.page_id(P, "head")
+CLS_BUTTON = ids.page_id(P, "query-cls")
+OVERLAY = ids.page_id(P, "overlay")
+MULTIPLES = ids.page_id(P, "multiples")
+CLS = ids.page_id(P, "cls")
+ATTRIB = ids.page_id(P, "attributions")
+RAW_TOGGLE = ids.page_id(P, "raw-toggle")
+RAW = ids.page_id(P, "raw")
+RAW_BOX = ids.page_id(P, "raw-box")
+
 grid = HeadGrid(P)
 
 
-def layout(**_kwargs):
-    return html.Div([html.H2("Attention explorer"), grid.layout()], className="av-page")
+def _kind(rec) -> str | None:
+    return explorer_kind(rec)
+
+
+def layout(**_kwargs: Any) -> html.Div:
+    return html.Div([
+        html.Div([
+            html.Label("layer", htmlFor=LAYER, className="av-label"),
+            html.Div(dcc.Slider(id=LAYER, min=0, max=1, step=1, value=0), className="av-slider"),
+            html.Label("head", htmlFor=HEAD, className="av-label"),
+            html.Div(dcc.Slider(id=HEAD, min=0, max=1, step=1, value=0), className="av-slider"),
+            html.Button("query: CLS", id=CLS_BUTTON, n_clicks=0, className="av-button"),
+            dcc.Checklist(id=RAW_TOGGLE, options=[{"label": " raw token × token matrix", "value": "raw"}], value=[]),
+        ], className="av-row av-card"),
+        html.Div([
+            html.Div([graph(OVERLAY, filename="query-attention"),
+                      html.Div("Click a patch to make it the query.", className="av-note")], className="av-card av-col"),
+            html.Div(graph(MULTIPLES, filename="layer-heads"), className="av-card av-col"),
+        ], className="av-cols"),
+        html.Div([
+            html.Div(graph(CLS, filename="cls-attention"), className="av-card av-col-narrow"),
+            html.Div(graph(ATTRIB, filename="attributions"), className="av-card av-col"),
+        ], className="av-cols"),
+        html.Div(graph(RAW, filename="raw-attention"), id=RAW_BOX, className="av-card", style={"display": "none"}),
+        html.Div([html.H3("All heads"), grid.layout()], className="av-card"),
+    ], className="av-page")
+
+
+def _resolve(data: Any):
+    sel, rec, problem = resolve(data)
+    if problem:
+        return sel, None, None, problem
+    kind = _kind(rec)
+    if kind is None:
+        return sel, None, None, f"{sel.file}: the explorer shows image patches; this {rec.family} recording has none."
+    sel, rec, problem = resolve(data, kind)
+    return sel, rec, kind, problem
+
+
+@callback(Output(ids.SELECTION, "data", allow_duplicate=True),
+          Output(LAYER, "value"), Output(LAYER, "max"), Output(LAYER, "marks"),
+          Output(HEAD, "value"), Output(HEAD, "max"), Output(HEAD, "marks"),
+          Input(ids.SELECTION, "data"), Input(LAYER, "value"), Input(HEAD, "value"),
+          prevent_initial_call="initial_duplicate")
+def sliders(data: Any, layer: int | None, head: int | None):
+    """Sliders <-> selection, in one callback (a two-callback loop would be circular).
+
+    A slider move writes the selection; a selection change (or page load) moves the sliders.
+    """
+    sel, rec, kind, problem = _resolve(data)
+    if problem:
+        return (no_update,) * 7
+    n_layers, n_heads = rec.stack_shape(kind)
+    if ctx.triggered_id in (LAYER, HEAD):
+        new_layer = sel.layer if layer is None else int(layer)
+        new_head = sel.head if head is None else int(head)
+        if (new_layer, new_head) == (sel.layer, sel.head):
+            return (no_update,) * 7
+        return (patch(layer=new_layer, head=new_head),) + (no_update,) * 6
+    marks = lambda n: {i: str(i) for i in range(n)} if n <= 24 else {i: str(i) for i in range(0, n, max(1, n // 12))}  # noqa: E731
+    return no_update, sel.layer, n_layers - 1, marks(n_layers), sel.head, n_heads - 1, marks(n_heads)
+
+
+@callback(Output(ids.SELECTION, "data", allow_duplicate=True), Input(OVERLAY, "clickData"), Input(CLS_BUTTON, "n_clicks"),
+          Input(MULTIPLES, "clickData"), dash.State(ids.SELECTION, "data"), prevent_initial_call=True)
+def pick(click: Any, _cls_clicks: int, multiples_click: Any, data: Any):
+    """Click on a patch -> query; "query: CLS" -> query 0; click on a small multiple -> head."""
+    sel, rec, kind, problem = _resolve(data)
+    if problem:
+        return no_update
+    lay = rec.layout(kind)
+    if ctx.triggered_id == CLS_BUTTON:
+        return patch(query=0) if lay.n_prefix else no_update
+    if ctx.triggered_id == MULTIPLES:
+        try:
+            h = int(multiples_click["points"][0]["customdata"])
+        except (TypeError, KeyError, IndexError, ValueError):
+            return no_update
+        return patch(head=h) if h >= 0 else no_update
+    try:
+        pt = click["points"][0]
+        cell = cell_of_point(float(pt["x"]), float(pt["y"]), lay.grid, lay.patch_size)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return no_update
+    return no_update if cell is None else patch(query=query_of_cell(lay, cell))
+
+
+@callback(Output(OVERLAY, "figure"), Input(ids.SELECTION, "data"))
+def overlay(data: Any):
+    """Selection -> the query's attention for the selected head, over the image."""
+    sel, rec, kind, problem = _resolve(data)
+    if problem:
+        return fig_message(problem)
+    return query_overlay(rec, sel.sample, sel.layer, sel.head, sel.query, kind)
+
+
+@callback(Output(MULTIPLES, "figure"), Input(ids.SELECTION, "data"))
+def multiples(data: Any):
+    """Selection -> the query for every head of the layer (one figure)."""
+    sel, rec, kind, problem = _resolve(data)
+    if problem:
+        return fig_message(problem)
+    return head_multiples(rec, sel.sample, sel.layer, sel.head, sel.query, kind)
+
+
+@callback(Output(CLS, "figure"), Input(ids.SELECTION, "data"))
+def cls_map(data: Any):
+    """Selection -> CLS attention of the selected head."""
+    sel, rec, kind, problem = _resolve(data)
+    if problem:
+        return fig_message(problem)
+    return cls_overlay(rec, sel.sample, sel.layer, sel.head, kind)
+
+
+@callback(Output(ATTRIB, "figure"), Input(ids.SELECTION, "data"))
+def attributions(data: Any):
+    """Selection (sample) -> rollout and stored attributions beside the object mask."""
+    sel, rec, kind, problem = _resolve(data)
+    if problem:
+        return fig_message(problem)
+    return attribution_panels(rec, sel.sample, kind)
+
+
+@callback(Output(RAW, "figure"), Output(RAW_BOX, "style"), Input(ids.SELECTION, "data"), Input(RAW_TOGGLE, "value"))
+def raw(data: Any, toggle: list[str] | None):
+    """Selection + toggle -> the raw matrix of the selected head (read only when shown)."""
+    if not toggle or "raw" not in toggle:
+        return no_update, {"display": "none"}
+    sel, rec, kind, problem = _resolve(data)
+    if problem:
+        return fig_message(problem), {"display": "block"}
+    return token_matrix(rec, sel.sample, sel.layer, sel.head, kind), {"display": "block"}

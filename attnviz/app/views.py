@@ -1,0 +1,269 @@
+"""Recording -> figure builders shared by the pages' callbacks and ``attnviz report`` (no Dash).
+
+Each function reads only the slices it shows (one query row, one layer's rows, one thumbnail),
+hands them to a pure :mod:`attnviz.figures` function, and returns the figure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from attnviz.app.data import lru, memo
+from attnviz.figures import fig_message
+from attnviz.figures.explorer import (
+    fig_attribution_panels,
+    fig_head_multiples,
+    fig_query_overlay,
+    fig_token_matrix,
+    token_labels,
+)
+from attnviz.figures.overview import CORRECT, UNKNOWN, WRONG, class_colour, fig_thumbnail_grid
+from attnviz.store.reader import Recording
+from attnviz.store.schema import TokenLayout
+
+__all__ = [
+    "explorer_kind",
+    "default_query",
+    "query_cell",
+    "query_of_cell",
+    "query_overlay",
+    "head_multiples",
+    "cls_overlay",
+    "attribution_panels",
+    "token_matrix",
+    "model_card",
+    "ThumbPage",
+    "filter_samples",
+    "thumbnail_page",
+    "COLOUR_BY",
+]
+
+COLOUR_BY = ("correctness", "label", "prediction")
+
+
+# -- explorer -------------------------------------------------------------------------------------
+
+def explorer_kind(rec: Recording) -> str | None:
+    """The attention kind the explorer shows: the main kind if it is a patch stack, else the first
+    patch stack (LVLM: the vision tower); None when the recording has no image patches."""
+    for kind in rec.kinds:
+        if rec.layout(kind).grid is not None:
+            return kind
+    return None
+
+
+def default_query(layout: TokenLayout) -> int:
+    """The centre patch's token position."""
+    gh, gw = layout.grid or (1, 1)
+    return layout.n_prefix + (gh // 2) * gw + gw // 2
+
+
+def query_cell(layout: TokenLayout, query: int) -> tuple[int, int] | None:
+    """(row, col) of a patch query; None for a prefix token."""
+    if layout.grid is None or query < layout.n_prefix:
+        return None
+    return divmod(query - layout.n_prefix, layout.grid[1])
+
+
+def query_of_cell(layout: TokenLayout, cell: tuple[int, int]) -> int:
+    return layout.n_prefix + cell[0] * layout.grid[1] + cell[1]
+
+
+def _patch_heat(row: np.ndarray, layout: TokenLayout) -> np.ndarray:
+    """``row`` float ``[..., key_pos]`` -> the patch keys on the grid ``[..., gh, gw]``."""
+    gh, gw = layout.grid
+    return row[..., layout.n_prefix : layout.n_prefix + gh * gw].reshape(*row.shape[:-1], gh, gw)
+
+
+def _thumb(rec: Recording, sample: int) -> np.ndarray:
+    return lru(rec, "thumb", sample, lambda: rec.thumbnail(sample), maxsize=64)
+
+
+def _query_name(layout: TokenLayout, query: int) -> str:
+    cell = query_cell(layout, query)
+    if cell is None:
+        return layout.prefix_names[query] if query < len(layout.prefix_names) else f"prefix token {query}"
+    return f"patch ({cell[0]}, {cell[1]})"
+
+
+def _prefix_note(row: np.ndarray, layout: TokenLayout) -> str:
+    if not layout.n_prefix:
+        return ""
+    share = float(row[: layout.n_prefix].sum())
+    return f"; {share:.0%} on {'+'.join(layout.prefix_names) or 'prefix'}"
+
+
+def query_overlay(rec: Recording, sample: int, layer: int, head: int, query: int | None, kind: str | None = None) -> go.Figure:
+    """Attention of one query (default: the centre patch) of one head over the image."""
+    kind = kind or explorer_kind(rec)
+    layout = rec.layout(kind)
+    q = default_query(layout) if query is None else query
+    row = rec.attention_query(sample, layer, q, kind=kind, head=head)
+    title = f"L{layer} H{head}: query {_query_name(layout, q)}{_prefix_note(row, layout)}"
+    return fig_query_overlay(_thumb(rec, sample), _patch_heat(row, layout), patch_size=layout.patch_size,
+                             query_cell=query_cell(layout, q), title=title)
+
+
+def head_multiples(rec: Recording, sample: int, layer: int, head: int, query: int | None,
+                   kind: str | None = None) -> go.Figure:
+    """The same query for every head of the layer, one figure."""
+    kind = kind or explorer_kind(rec)
+    layout = rec.layout(kind)
+    q = default_query(layout) if query is None else query
+    rows = rec.attention_query(sample, layer, q, kind=kind)  # [head, key]
+    return fig_head_multiples(_patch_heat(rows, layout), selected_head=head, query_cell=query_cell(layout, q),
+                              title=f"Layer {layer}, every head: query {_query_name(layout, q)}")
+
+
+def cls_overlay(rec: Recording, sample: int, layer: int, head: int, kind: str | None = None) -> go.Figure:
+    """Attention of the first prefix token (CLS) of one head over the image."""
+    kind = kind or explorer_kind(rec)
+    layout = rec.layout(kind)
+    if not layout.n_prefix:
+        return fig_message("This model has no CLS token.")
+    row = rec.attention_query(sample, layer, 0, kind=kind, head=head)
+    name = layout.prefix_names[0] if layout.prefix_names else "CLS"
+    return fig_query_overlay(_thumb(rec, sample), _patch_heat(row, layout), patch_size=layout.patch_size,
+                             title=f"{name.upper()} attention, L{layer} H{head}{_prefix_note(row, layout)}",
+                             colorbar_title=name, height=380)
+
+
+def _rollout_grid(rec: Recording, sample: int, kind: str) -> tuple[np.ndarray, str]:
+    stored = "rollout" in rec.attribution_methods() and kind == rec.main_kind
+    if stored:
+        return rec.attribution(sample, "rollout").astype(np.float64), "rollout"
+
+    def make() -> np.ndarray:
+        from attnviz.analysis.rollout import attention_rollout, rollout_to_grid
+
+        layout = rec.layout(kind)
+        n_layers, _ = rec.stack_shape(kind)
+        maps = np.stack([rec.attention_heads(sample, layer, kind=kind) for layer in range(n_layers)])
+        return rollout_to_grid(attention_rollout(maps), n_prefix=layout.n_prefix, grid=layout.grid)
+
+    return lru(rec, f"rollout/{kind}", sample, make, maxsize=16), "rollout (computed)"
+
+
+def attribution_panels(rec: Recording, sample: int, kind: str | None = None,
+                       methods: Sequence[str] | None = None) -> go.Figure:
+    """Rollout and the stored attributions as overlays, beside the input with its object mask."""
+    kind = kind or explorer_kind(rec)
+    layout = rec.layout(kind)
+    panels: list[tuple[str, np.ndarray]] = []
+    try:
+        grid, name = _rollout_grid(rec, sample, kind)
+        panels.append((name, grid))
+    except Exception as e:  # noqa: BLE001 - a rollout problem must not hide the stored attributions
+        panels.append((f"rollout unavailable ({type(e).__name__})", np.zeros(layout.grid)))
+    for m in methods if methods is not None else rec.attribution_methods():
+        if m != "rollout":
+            panels.append((m, rec.attribution(sample, m)))
+    mask = rec.mask(sample)
+    image_size = layout.image_size or (layout.grid[0] * layout.patch_size[0], layout.grid[1] * layout.patch_size[1])
+    return fig_attribution_panels(_thumb(rec, sample), panels, image_size=image_size, mask=mask,
+                                  title=f"Attributions, sample {sample} (each scaled to its max |value|)")
+
+
+def token_matrix(rec: Recording, sample: int, layer: int, head: int, kind: str | None = None) -> go.Figure:
+    """The raw query x key matrix of one head."""
+    kind = kind or explorer_kind(rec) or rec.main_kind
+    layout = rec.layout(kind)
+    m = rec.attention(sample, layer, head, kind=kind)
+    labels = token_labels(m.shape[1], layout.n_prefix, layout.prefix_names, layout.grid)
+    return fig_token_matrix(m, labels=labels, title=f"Raw attention, L{layer} H{head}, sample {sample} "
+                                                   f"({m.shape[0]} queries x {m.shape[1]} keys)")
+
+
+# -- overview -------------------------------------------------------------------------------------
+
+def model_card(rec: Recording) -> list[tuple[str, str]]:
+    """(key, value) rows: family, model, heads, samples, accuracy, classes, stored results."""
+    acc = rec.accuracy
+    n_classes = len(rec.class_names)
+    rows = [
+        ("model", rec.model_name),
+        ("class", rec.model_class or "—"),
+        ("family", rec.family),
+        ("layers × heads", f"{rec.n_layers} × {rec.n_heads}"),
+    ]
+    for kind in rec.kinds:
+        lay = rec.layout(kind)
+        shape = rec.stack_shape(kind)
+        extra = f", {lay.grid[0]}×{lay.grid[1]} patches of {lay.patch_size[0]}×{lay.patch_size[1]} px" if lay.grid else ""
+        pre = f", prefix: {', '.join(lay.prefix_names)}" if lay.n_prefix else ""
+        rows.append((f"attention '{kind}'", f"{shape[0]} × {shape[1]}{extra}{pre}"))
+    rows += [
+        ("samples", f"{rec.n_samples}" + ("" if rec.complete else f" of {rec.n_planned} (incomplete)")),
+        ("accuracy", "—" if acc is None else f"{acc:.1%}" + ("" if rec.target_source == "label" else " (vs. predictions)")),
+        ("classes", f"{n_classes}: " + ", ".join(rec.class_names[:12]) + (" …" if n_classes > 12 else "")),
+        ("attributions", ", ".join(rec.attribution_methods()) or "none"),
+        ("head metrics", ", ".join(rec.head_metrics()) or "none (run `attnviz analyze`)"),
+        ("recorded", rec.created),
+    ]
+    return rows
+
+
+def filter_samples(rec: Recording, classes: Sequence[int] | None = None, correctness: str = "all") -> np.ndarray:
+    """Sample indices whose label (prediction where unlabelled) is in ``classes`` (None: any) and
+    whose correctness is ``"all"``, ``"correct"`` or ``"incorrect"`` (unlabelled: neither)."""
+    labels, preds = rec.labels, rec.predictions
+    keep = np.ones(rec.n_samples, bool)
+    if classes:
+        cls = np.where(labels >= 0, labels, preds)
+        keep &= np.isin(cls, np.asarray(list(classes), dtype=cls.dtype))
+    if correctness == "correct":
+        keep &= (labels >= 0) & (labels == preds)
+    elif correctness == "incorrect":
+        keep &= (labels >= 0) & (labels != preds)
+    return np.flatnonzero(keep)
+
+
+@dataclass(frozen=True)
+class ThumbPage:
+    figure: go.Figure
+    n_matching: int
+    n_pages: int
+    page: int
+
+
+def _colours(rec: Recording, idx: np.ndarray, colour_by: str) -> tuple[list[str], list[tuple[str, str]]]:
+    labels, preds, names = rec.labels[idx], rec.predictions[idx], rec.class_names
+    if colour_by == "correctness":
+        cols = [UNKNOWN if l < 0 else (CORRECT if l == p else WRONG) for l, p in zip(labels, preds)]
+        legend = [("correct", CORRECT), ("incorrect", WRONG)] + ([("no label", UNKNOWN)] if (labels < 0).any() else [])
+        return cols, legend
+    vals = labels if colour_by == "label" else preds
+    cols = [class_colour(int(v)) for v in vals]
+    present = sorted({int(v) for v in vals})
+    legend = [(names[v] if 0 <= v < len(names) else "no label", class_colour(v)) for v in present[:12]]
+    return cols, legend
+
+
+def thumbnail_page(rec: Recording, *, colour_by: str = "correctness", classes: Sequence[int] | None = None,
+                   correctness: str = "all", page: int = 0, per_page: int = 160, cols: int = 16,
+                   selected: int | None = None) -> ThumbPage:
+    """One page of the thumbnail grid (only that page's thumbnails are read)."""
+    idx = filter_samples(rec, classes, correctness)
+    n_pages = max(1, math.ceil(len(idx) / per_page))
+    page = min(max(page, 0), n_pages - 1)
+    shown = idx[page * per_page : (page + 1) * per_page]
+    if not len(shown):
+        return ThumbPage(fig_message("No sample matches the filters."), 0, 1, 0)
+    thumbs = np.stack([_thumb(rec, int(s)) for s in shown])
+    colours, legend = _colours(rec, shown, colour_by)
+    names = rec.class_names
+    ids = rec.sample_ids
+
+    def cname(c: int) -> str:
+        return names[c] if 0 <= c < len(names) else "—"
+
+    hover = [f"#{s} {ids[s]}<br>label: {cname(int(rec.labels[s]))}<br>prediction: {cname(int(rec.predictions[s]))}"
+             for s in shown]
+    fig = fig_thumbnail_grid(thumbs, [int(s) for s in shown], colours, hover=hover, cols=cols, selected=selected,
+                             legend=legend)
+    return ThumbPage(fig, int(len(idx)), n_pages, page)

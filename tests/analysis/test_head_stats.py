@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import entropy as scipy_entropy
+
+from attnviz.analysis.head_stats import METRIC_INFO, compute_and_store, compute_head_stats, map_stats
+from attnviz.errors import RecordingError
+from attnviz.store.reader import Recording
+from tests.helpers import make_recording
+
+T = 1 + 3 * 3  # CLS + 3x3 patches
+
+
+def test_uniform_and_one_hot_rows():
+    uniform = np.full((4, 7), 1 / 7)
+    ent, conf, pre = map_stats(uniform, n_prefix=2)
+    np.testing.assert_allclose(ent, math.log(7))
+    np.testing.assert_allclose(conf, 1 / 7)
+    np.testing.assert_allclose(pre, 2 / 7)
+    one_hot = np.eye(5)
+    ent, conf, pre = map_stats(one_hot, n_prefix=1)
+    np.testing.assert_allclose(ent, 0.0)
+    np.testing.assert_allclose(conf, 1.0)
+    np.testing.assert_allclose(pre, [1, 0, 0, 0, 0])
+
+
+def _patterned(sample: int) -> np.ndarray:
+    """[layer=2, head=3, T, T]: L0H0 uniform, L0H1 one-hot on CLS, L0H2 one-hot on self,
+    layer 1 random rows that differ per sample."""
+    rng = np.random.default_rng(100 + sample)
+    m = np.empty((2, 3, T, T), np.float32)
+    m[0, 0] = 1 / T
+    m[0, 1] = 0
+    m[0, 1, :, 0] = 1
+    m[0, 2] = np.eye(T)
+    x = rng.random((3, T, T)) ** 4 + 1e-3
+    m[1] = x / x.sum(-1, keepdims=True)
+    return m
+
+
+def test_recording_statistics_match_independent_computation(tmp_path):
+    path = make_recording(tmp_path / "r.h5", n_samples=5, grid=(3, 3), maps_fn=_patterned, batch_size=2)
+    with Recording(path) as rec:
+        stats = compute_head_stats(rec)
+        assert stats.n_samples == 5
+        np.testing.assert_allclose(stats.entropy[0], [math.log(T), 0, 0], atol=2e-3)
+        np.testing.assert_allclose(stats.confidence[0], [1 / T, 1, 1], atol=1e-3)
+        np.testing.assert_allclose(stats.cls_attention[0], [1 / T, 1, 1 / T], atol=1e-3)
+        # layer 1: scipy's entropy and plain numpy on what the file holds (float16 round trip)
+        for h in range(3):
+            maps = np.stack([rec.attention(s, 1, h).astype(np.float64) for s in range(5)])
+            np.testing.assert_allclose(stats.entropy[1, h], scipy_entropy(maps, axis=-1).mean(), rtol=1e-3)
+            np.testing.assert_allclose(stats.confidence[1, h], maps.max(-1).mean(), rtol=1e-6)
+            np.testing.assert_allclose(stats.cls_attention[1, h], maps[..., 0].mean(), rtol=1e-6)
+        first2 = compute_head_stats(rec, max_samples=2)
+        maps = np.stack([rec.attention(s, 1, 0).astype(np.float64) for s in range(2)])
+        assert first2.n_samples == 2
+        np.testing.assert_allclose(first2.confidence[1, 0], maps.max(-1).mean(), rtol=1e-6)
+
+
+def test_compute_and_store_writes_head_metrics_with_definitions(tmp_path):
+    path = make_recording(tmp_path / "r.h5", n_samples=3, grid=(3, 3), maps_fn=_patterned)
+    stats = compute_and_store(path)
+    with Recording(path) as rec:
+        assert {"entropy", "confidence", "cls_attention"} <= set(rec.head_metrics())
+        np.testing.assert_allclose(rec.head_metric("entropy"), stats.entropy, rtol=1e-6)
+        info = rec.head_metric_info("confidence")
+        assert "Voita" in info.citation and info.definition == METRIC_INFO["confidence"].definition
+        assert info.kind == "self" and info.params["n_samples"] == 3
+
+
+def test_no_prefix_tokens_means_no_cls_attention(tmp_path):
+    path = make_recording(tmp_path / "r.h5", n_samples=2, grid=(2, 2), n_prefix=0)
+    with Recording(path) as rec:
+        stats = compute_head_stats(rec)
+    assert stats.cls_attention is None and set(stats.as_dict()) == {"entropy", "confidence"}
+
+
+def test_incomplete_recording_is_refused_for_storing(tmp_path):
+    path = make_recording(tmp_path / "r.h5", n_samples=4, batch_size=2)
+    # mark the file incomplete as an interrupted extraction would
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        f.attrs["complete"] = False
+        f["samples/done"][2:] = False
+    with pytest.raises(RecordingError, match="incomplete"):
+        compute_and_store(path)
+    with Recording(path) as rec:  # the statistics themselves still work on what is there
+        assert compute_head_stats(rec).n_samples == 2
+
+
+def test_cli_analyze(tmp_path, capsys):
+    from attnviz.cli import main
+
+    path = make_recording(tmp_path / "r.h5", n_samples=3, grid=(3, 3), maps_fn=_patterned)
+    main(["analyze", str(path), "--max-samples", "2"])  # returns normally on success
+    assert "entropy, confidence, cls_attention from 2 sample(s)" in capsys.readouterr().out
+    with Recording(path) as rec:
+        np.testing.assert_allclose(rec.head_metric("confidence")[0], [1 / T, 1, 1], atol=1e-3)
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", str(tmp_path / "missing.h5")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
