@@ -1,0 +1,441 @@
+"""The adapter registry and the table of architecture facts.
+
+An *adapter* knows, for one model family ("vit", later "s2t" and "lvlm"), how to load a Hugging Face
+model, turn inputs into model inputs, and run a batch so that it returns one attention stack per kind
+(``[batch, layer, head, query_pos, key_pos]``) plus the logits. Adapters register themselves by name
+(:func:`register_adapter`); the CLI takes its ``--family`` choices from :func:`available_adapters`.
+
+*Architecture facts* (which transformers class, where its attention modules and projections are, which
+prefix tokens precede the patches) are data: one :class:`ArchitectureSpec` row per model class in
+:data:`ARCHITECTURES`. Supporting another ViT-like classifier is one more row, not another ``if``.
+
+Nothing in this module imports torch or transformers at import time; :func:`load_model` does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+import numpy as np
+
+from attnviz.errors import InputError, ModelError
+from attnviz.store.schema import StackSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = [
+    "ARCHITECTURES",
+    "Adapter",
+    "ArchitectureSpec",
+    "BatchOutput",
+    "ModelSource",
+    "PreparedBatch",
+    "StackModules",
+    "architecture",
+    "available_adapters",
+    "detect",
+    "class_names_of",
+    "find_modules",
+    "get_adapter",
+    "load_config",
+    "load_model",
+    "register_adapter",
+    "resolve_model",
+    "supported_architectures",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+# -- architecture facts (data) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackModules:
+    """Where one attention stack lives inside a model: module paths relative to one layer.
+
+    Attributes:
+        kind: the attention kind recorded from this stack ("self", "cross", "decoder_self", "vision").
+        layers: regex of one layer's module path; group 1 is the 0-based layer index.
+        attention: path of the attention module inside a layer.
+        query / key / value: paths of the q/k/v projections inside a layer (``nn.Linear``,
+            out_features = heads * head_dim, head h owns rows ``[h*d:(h+1)*d]``).
+        output_projection: path of the output projection W_O inside a layer; its *input* is the
+            concatenation of the heads' outputs, ``[batch, tokens, heads * head_dim]`` (the hook point
+            for ablating, scaling and capturing heads).
+    """
+
+    kind: str
+    layers: str
+    attention: str = "attention"
+    query: str = "attention.q_proj"
+    key: str = "attention.k_proj"
+    value: str = "attention.v_proj"
+    output_projection: str = "attention.o_proj"
+
+    def pattern(self, what: str) -> re.Pattern[str]:
+        """Regex matching the full module path of ``what`` ("attention", "query", "key", "value",
+        "output_projection") in every layer; group 1 is the layer index."""
+        rel = getattr(self, what)
+        return re.compile(rf"^{self.layers}\.{re.escape(rel)}$")
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Facts about one transformers model class.
+
+    Attributes:
+        model_class: the ``transformers`` class name (as in ``config.architectures``).
+        model_type: ``config.model_type``.
+        family: the adapter that handles it ("vit").
+        stacks: where each attention stack is (:class:`StackModules`).
+        prefix_tokens: names of the tokens before the patches, in sequence order.
+        register_tokens_from: config attribute holding a number of register tokens that follow
+            ``prefix_tokens`` (named ``register_0``, ``register_1``, ...), or None.
+        image_mean / image_std: normalisation used when the model directory has no
+            ``preprocessor_config.json`` (the processor is then built from the config).
+        default_for_type: this row is used for a config of ``model_type`` that names no architecture.
+    """
+
+    model_class: str
+    model_type: str
+    family: str
+    stacks: tuple[StackModules, ...]
+    prefix_tokens: tuple[str, ...] = ()
+    register_tokens_from: str | None = None
+    image_mean: tuple[float, ...] = HALF
+    image_std: tuple[float, ...] = HALF
+    default_for_type: bool = False
+
+    def stack(self, kind: str) -> StackModules:
+        for s in self.stacks:
+            if s.kind == kind:
+                return s
+        raise KeyError(f"{self.model_class} has no {kind!r} attention stack")
+
+    def prefix_names(self, config: Any) -> tuple[str, ...]:
+        """All prefix tokens of a model with this ``config``: fixed ones, then registers."""
+        n_reg = int(getattr(config, self.register_tokens_from, 0) or 0) if self.register_tokens_from else 0
+        return self.prefix_tokens + tuple(f"register_{i}" for i in range(n_reg))
+
+
+_VIT_LAYERS = StackModules("self", r"vit\.layers\.(\d+)")
+_DEIT_LAYERS = StackModules("self", r"deit\.layers\.(\d+)")
+_DINOV2_REG_LAYERS = StackModules("self", r"dinov2_with_registers\.encoder\.layer\.(\d+)")
+
+#: Every supported model class. transformers 5 module paths (checked with ``named_modules()``).
+ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
+    ArchitectureSpec("ViTForImageClassification", "vit", "vit", (_VIT_LAYERS,), ("cls",),
+                     default_for_type=True),
+    # DeiT always prepends a distillation token after CLS (both classes share DeiTEmbeddings)
+    ArchitectureSpec("DeiTForImageClassification", "deit", "vit", (_DEIT_LAYERS,), ("cls", "distillation"),
+                     image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, default_for_type=True),
+    ArchitectureSpec("DeiTForImageClassificationWithTeacher", "deit", "vit", (_DEIT_LAYERS,),
+                     ("cls", "distillation"), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD),
+    ArchitectureSpec("Dinov2WithRegistersForImageClassification", "dinov2_with_registers", "vit",
+                     (_DINOV2_REG_LAYERS,), ("cls",), register_tokens_from="num_register_tokens",
+                     image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, default_for_type=True),
+)
+
+
+def supported_architectures(family: str | None = None) -> list[str]:
+    """Model class names in the table (of one family, or all)."""
+    return [a.model_class for a in ARCHITECTURES if family is None or a.family == family]
+
+
+def architecture(model_class: str) -> ArchitectureSpec:
+    """The table row of ``model_class``; ModelError listing the supported ones if absent."""
+    for a in ARCHITECTURES:
+        if a.model_class == model_class:
+            return a
+    raise ModelError(f"architecture {model_class} is not supported; supported: {', '.join(supported_architectures())}")
+
+
+def detect(config: Any) -> ArchitectureSpec:
+    """The architecture of a transformers ``config``: ``config.architectures`` first, else the
+    default row of ``config.model_type``.
+
+    Raises:
+        ModelError: no row fits; the message lists the supported architectures.
+    """
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        for a in ARCHITECTURES:
+            if a.model_class == name:
+                return a
+    model_type = getattr(config, "model_type", None)
+    if not names:
+        for a in ARCHITECTURES:
+            if a.model_type == model_type and a.default_for_type:
+                return a
+    what = names[0] if names else f"model type {model_type!r}"
+    raise ModelError(f"{what} is not supported by any adapter; supported: {', '.join(supported_architectures())}")
+
+
+def class_names_of(config: Any) -> list[str]:
+    """Class index -> name from ``config.id2label``."""
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(len(id2label))]
+
+
+def find_modules(model: Any, pattern: re.Pattern[str] | str) -> list[tuple[int, str, Any]]:
+    """Modules whose path matches ``pattern`` (group 1 = layer index), as (layer, path, module)
+    sorted by layer. Module paths are looked up with ``named_modules()``, never typed twice."""
+    rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+    found = []
+    for name, module in model.named_modules():
+        m = rx.match(name)
+        if m:
+            found.append((int(m.group(1)), name, module))
+    return sorted(found, key=lambda t: t[0])
+
+
+# -- results passed between adapter and pipeline ----------------------------------------------
+
+
+@dataclass
+class PreparedBatch:
+    """Model inputs of one batch, prepared on the CPU (possibly in a background thread).
+
+    Attributes:
+        inputs: keyword arguments of the model's forward (CPU tensors), e.g. ``pixel_values``
+            float ``[batch, 3, image_h, image_w]``.
+        labels: int ``[batch]`` (-1 = unknown).
+        thumbnails: uint8 ``[batch, thumb_h, thumb_w, 3]`` or None.
+        masks: uint8 ``[batch, thumb_h, thumb_w]`` (1 = object) or None.
+    """
+
+    inputs: dict[str, Any]
+    labels: np.ndarray
+    thumbnails: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+
+@dataclass
+class BatchOutput:
+    """What one forward returns, still on the model's device.
+
+    Attributes:
+        attention: kind -> float tensor ``[batch, layer, head, query_pos, key_pos]``.
+        logits: float tensor ``[batch, n_classes]``.
+        lengths: kind -> int ``[batch, 2]`` valid (query_len, key_len) where lengths vary.
+    """
+
+    attention: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model was found.
+
+    Attributes:
+        ref: what the user passed (a directory or a hub id).
+        path: the local directory holding ``config.json`` and the weights.
+        from_cache: True when ``ref`` was a hub id resolved in the local Hugging Face cache.
+    """
+
+    ref: str
+    path: Path
+    from_cache: bool = False
+
+    @property
+    def name(self) -> str:
+        """Short display name: the hub id, or the directory's name."""
+        return self.ref if self.from_cache else self.path.name
+
+
+# -- adapters ----------------------------------------------------------------------------------
+
+
+class Adapter(ABC):
+    """One model family. Subclasses set ``name`` and implement loading, preparing and running.
+
+    An instance wraps one loaded model (eval mode, eager attention) on one device.
+    """
+
+    name: ClassVar[str]
+    #: what one input is: "image" (vit), later "audio" (s2t), "image+prompt" (lvlm)
+    input_kind: ClassVar[str] = "image"
+
+    def __init__(self, *, model: Any, config: Any, arch: ArchitectureSpec, source: ModelSource,
+                 device: torch.device, autocast_dtype: torch.dtype | None) -> None:
+        self.model = model
+        self.config = config
+        self.arch = arch
+        self.source = source
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+
+    # construction
+    @classmethod
+    @abstractmethod
+    def load(cls, source: ModelSource, config: Any, arch: ArchitectureSpec, *, device: torch.device,
+             autocast_dtype: torch.dtype | None) -> Adapter:
+        """Load the model (and its processor) from ``source.path``."""
+
+    # description
+    @property
+    def model_name(self) -> str:
+        return self.source.name
+
+    @property
+    def model_class(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class index -> name from ``config.id2label`` (empty for models without classes)."""
+        return class_names_of(self.config)
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    @abstractmethod
+    def stacks(self) -> list[StackSpec]:
+        """One :class:`StackSpec` (with its :class:`TokenLayout`) per attention kind recorded."""
+
+    @property
+    def main_layout(self):  # -> TokenLayout
+        return self.stacks()[0].layout
+
+    # per batch
+    @abstractmethod
+    def prepare(self, items: Sequence[Any]) -> PreparedBatch:
+        """Read and preprocess a batch of inputs on the CPU (thread-safe: no model access)."""
+
+    @abstractmethod
+    def run(self, batch: PreparedBatch) -> BatchOutput:
+        """Forward one prepared batch with attention outputs (caller holds ``torch.no_grad()``)."""
+
+    @abstractmethod
+    def logits_fn(self) -> Callable[[Any], Any]:
+        """``forward(model_input) -> logits [batch, classes]`` on the model's device (differentiable),
+        used by attribution methods and head importance."""
+
+    # module lookup (hooks, tests, importance)
+    def modules(self, what: str = "output_projection", kind: str = "self") -> list[tuple[int, str, Any]]:
+        """(layer, path, module) of every ``what`` module of stack ``kind``, in layer order.
+
+        Args:
+            what: "attention", "query", "key", "value" or "output_projection".
+        """
+        return find_modules(self.model, self.arch.stack(kind).pattern(what))
+
+
+_ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: add an adapter to the registry under ``cls.name``."""
+    if cls.name in _ADAPTERS and _ADAPTERS[cls.name] is not cls:
+        raise ValueError(f"adapter {cls.name!r} is registered twice")
+    _ADAPTERS[cls.name] = cls
+    return cls
+
+
+def available_adapters() -> list[str]:
+    """Registered adapter (family) names."""
+    return list(_ADAPTERS)
+
+
+def get_adapter(name: str) -> type[Adapter]:
+    """The adapter class registered as ``name``.
+
+    Raises:
+        InputError: unknown name; the message lists the registered ones.
+    """
+    try:
+        return _ADAPTERS[name]
+    except KeyError:
+        raise InputError(f"unknown model family {name!r}; available: {', '.join(available_adapters())}") from None
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def resolve_model(ref: str | os.PathLike) -> ModelSource:
+    """Find a model: a local ``save_pretrained`` directory, or a hub id in the local cache.
+
+    attnviz never downloads: a hub id that is not cached is an error.
+
+    Raises:
+        ModelError: the path is not a model directory, or the id is neither a directory nor cached.
+    """
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{text} is not a model directory (no config.json); "
+                             "give a folder made by save_pretrained or a cached hub id")
+        return ModelSource(text, path.resolve())
+    if path.exists():
+        raise ModelError(f"{text} is a file, not a model directory; give the folder made by save_pretrained")
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise ModelError(f"model directory {text} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snap = Path(snapshot_download(text, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
+        raise ModelError(f"{text}: no such model directory, and not a model in the local Hugging Face cache "
+                         "(attnviz never downloads; fetch it first, e.g. with `hf download`)") from None
+    if not (snap / "config.json").is_file():
+        raise ModelError(f"{text}: the cached snapshot has no config.json")
+    return ModelSource(text, snap, from_cache=True)
+
+
+def load_config(source: ModelSource) -> Any:
+    """The transformers config of a resolved model (local files only)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{source.ref}: cannot read config.json ({_first_line(e)})") from None
+
+
+def load_model(ref: str | os.PathLike, *, family: str | None = None, device: str = "auto",
+               dtype: str = "float32") -> Adapter:
+    """Resolve, detect and load a model through its adapter.
+
+    Args:
+        ref: a ``save_pretrained`` directory or a cached hub id.
+        family: expected family ("vit", ...); None = whatever the config says.
+        device: "auto" | "cpu" | "cuda".
+        dtype: forward dtype on the GPU: "float32" | "float16" | "bfloat16".
+
+    Raises:
+        ModelError: not found, not a model, unsupported architecture, family mismatch, load failure.
+        InputError: bad device / dtype.
+    """
+    from extractor.device import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    autocast = resolve_dtype(dtype, dev)
+    source = resolve_model(ref)
+    config = load_config(source)
+    arch = detect(config)
+    if family is not None:
+        get_adapter(family)
+        if arch.family != family:
+            raise ModelError(f"{source.ref} is a {arch.model_class} ({arch.family} family), not a {family} model")
+    return get_adapter(arch.family).load(source, config, arch, device=dev, autocast_dtype=autocast)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+

@@ -1,0 +1,288 @@
+"""Enumerating image inputs: one file, a folder, or a CSV/JSONL manifest.
+
+- **An image file** (png, jpg, jpeg, webp, bmp): one sample, no label.
+- **A folder**, searched recursively, in sorted path order. An image below a first-level subfolder
+  whose name is a class of the model (``id2label``; case, ``_``, ``-`` and spaces ignored; or a class
+  index) gets that label; images directly in the folder have none.
+- **A manifest** (``.jsonl`` or ``.csv``), one input per line/row, paths relative to the manifest::
+
+      {"image": "imgs/a.png", "label": "circle", "mask": "masks/a.png"}
+
+  ``label`` (optional) is a class name or index; ``mask`` (optional) a grayscale PNG, nonzero =
+  object. A missing file or a bad label is an error naming the line.
+
+Every image is decoded once up front so that a corrupt or unreadable one is skipped (with a warning,
+and listed in the recording) before the recording is laid out; that keeps sample indices fixed,
+which ``--resume`` needs. If every image fails, that is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from PIL import Image
+
+from attnviz.errors import InputError
+
+__all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "ImageInput", "InputSet", "collect_images", "read_image",
+           "read_mask", "ClassMatcher"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MANIFEST_SUFFIXES = (".jsonl", ".csv")
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image to record.
+
+    Attributes:
+        id: the sample id stored in the file: path relative to the input folder or as written in
+            the manifest (the file name for a single image).
+        path: the image file.
+        label: class index, -1 when unknown.
+        mask: object mask file (grayscale, nonzero = object), or None.
+    """
+
+    id: str
+    path: Path
+    label: int = -1
+    mask: Path | None = None
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """The inputs of one extraction, in recording order.
+
+    Attributes:
+        items: the readable images (at most ``limit``).
+        skipped: (id, reason) of images that could not be read.
+        has_masks: some item has a mask (masks are recorded for all; missing ones are all zero).
+    """
+
+    items: tuple[ImageInput, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+    has_masks: bool = False
+
+    @property
+    def has_labels(self) -> bool:
+        return any(it.label >= 0 for it in self.items)
+
+    @property
+    def ids(self) -> list[str]:
+        return [it.id for it in self.items]
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+class ClassMatcher:
+    """Maps a label given as a class name or an index onto the model's class indices."""
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        self.class_names = list(class_names)
+        self._by_name = {}
+        for i, n in enumerate(self.class_names):
+            self._by_name.setdefault(_norm(str(n)), i)
+
+    def match(self, value: object) -> int | None:
+        """Class index of ``value`` (a name, an int, or a string of an int), None if it is neither."""
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int):
+            return value if 0 <= value < len(self.class_names) else None
+        if isinstance(value, float) and value.is_integer():
+            return self.match(int(value))
+        if isinstance(value, str):
+            hit = self._by_name.get(_norm(value))
+            if hit is not None:
+                return hit
+            text = value.strip()
+            if text.lstrip("-").isdigit():
+                return self.match(int(text))
+        return None
+
+    def describe(self, limit: int = 10) -> str:
+        names = ", ".join(self.class_names[:limit]) + (" ..." if len(self.class_names) > limit else "")
+        return f"{names} or an index 0..{len(self.class_names) - 1}" if self.class_names else "none"
+
+
+def read_image(path: Path) -> Image.Image:
+    """Decode one image as RGB (raises OSError/ValueError on damaged files)."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def read_mask(path: Path) -> Image.Image:
+    """Decode one mask as 8-bit grayscale ("L")."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("L")
+
+
+def _problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image, or None if it decodes."""
+    try:
+        read_image(path)
+    except Exception as e:  # PIL raises many types for damaged files: all mean "skip it"
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"cannot be read as an image ({text})"
+    return None
+
+
+def collect_images(path: str | os.PathLike, *, class_names: Sequence[str], limit: int | None = None,
+                   warn: Callable[[str], None] = _warn, workers: int = 4) -> InputSet:
+    """Enumerate and check the images of ``path`` (file, folder or manifest).
+
+    Args:
+        path: an image, a folder of images, or a ``.jsonl``/``.csv`` manifest.
+        class_names: the model's classes (index -> name), to resolve labels.
+        limit: keep at most this many readable images (the first ones in order).
+        warn: called with a one-line message per skipped input or unmatched label folder.
+        workers: threads decoding images during the check.
+
+    Raises:
+        InputError: missing input, empty folder, bad manifest (missing file, bad label), not an
+            image, or no image readable.
+    """
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    src = Path(path).expanduser()
+    if not src.exists():
+        raise InputError(f"input {path} does not exist")
+    matcher = ClassMatcher(class_names)
+    if src.is_dir():
+        candidates = _folder(src, matcher, warn)
+    elif src.suffix.lower() in MANIFEST_SUFFIXES:
+        candidates = _manifest(src, matcher)
+    elif src.suffix.lower() in IMAGE_SUFFIXES:
+        candidates = [ImageInput(src.name, src)]
+    else:
+        raise InputError(f"input {path} is not an image ({', '.join(IMAGE_SUFFIXES)}), a folder, "
+                         f"or a manifest ({', '.join(MANIFEST_SUFFIXES)})")
+    items, skipped = _check(candidates, limit, workers)
+    for sid, why in skipped:
+        warn(f"skipped {sid}: {why}")
+    if not items:
+        raise InputError(f"none of the {len(candidates)} image(s) in {path} could be read "
+                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
+    for it in items:
+        if it.mask is not None:
+            try:
+                read_mask(it.mask)
+            except Exception as e:
+                raise InputError(f"mask {it.mask} of {it.id} cannot be read ({str(e).splitlines()[0]})") from None
+    return InputSet(tuple(items), tuple(skipped), has_masks=any(it.mask is not None for it in items))
+
+
+def _check(candidates: list[ImageInput], limit: int | None,
+           workers: int) -> tuple[list[ImageInput], list[tuple[str, str]]]:
+    """Decode candidates in order (in parallel) until ``limit`` readable ones are found."""
+    items: list[ImageInput] = []
+    skipped: list[tuple[str, str]] = []
+    want = len(candidates) if limit is None else limit
+    step = max(16, 4 * workers)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(candidates), step):
+            block = candidates[start : start + step]
+            for it, why in zip(block, pool.map(lambda c: _problem(c.path), block)):
+                if len(items) >= want:
+                    break
+                if why is None:
+                    items.append(it)
+                else:
+                    skipped.append((it.id, why))
+            if len(items) >= want:
+                break
+    return items, skipped
+
+
+def _folder(root: Path, matcher: ClassMatcher, warn: Callable[[str], None]) -> list[ImageInput]:
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise InputError(f"input folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    out: list[ImageInput] = []
+    unmatched: set[str] = set()
+    for p in files:
+        rel = p.relative_to(root)
+        label = -1
+        if len(rel.parts) > 1:
+            hit = matcher.match(rel.parts[0])
+            if hit is None:
+                unmatched.add(rel.parts[0])
+            else:
+                label = hit
+        out.append(ImageInput(rel.as_posix(), p, label))
+    if unmatched:
+        warn(f"subfolder(s) {', '.join(sorted(unmatched)[:5])}{' ...' if len(unmatched) > 5 else ''} "
+             f"match no class of the model ({matcher.describe()}): their images have no label")
+    return out
+
+
+def _manifest(path: Path, matcher: ClassMatcher) -> list[ImageInput]:
+    rows = list(_manifest_rows(path))
+    if not rows:
+        raise InputError(f"manifest {path} lists no inputs")
+    base = path.parent
+    out: list[ImageInput] = []
+    for line, row in rows:
+        where = f"manifest {path.name} line {line}"
+        image = row.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise InputError(f"{where}: no 'image' path")
+        img_path = base / image
+        if not img_path.is_file():
+            raise InputError(f"{where}: image {image} not found (paths are relative to the manifest)")
+        label = -1
+        raw = row.get("label")
+        if raw is not None and raw != "":
+            hit = matcher.match(raw)
+            if hit is None:
+                raise InputError(f"{where}: label {raw!r} is not a class of the model ({matcher.describe()})")
+            label = hit
+        mask = None
+        raw_mask = row.get("mask")
+        if raw_mask:
+            mask = base / str(raw_mask)
+            if not mask.is_file():
+                raise InputError(f"{where}: mask {raw_mask} not found (paths are relative to the manifest)")
+        out.append(ImageInput(image, img_path, label, mask))
+    return out
+
+
+def _manifest_rows(path: Path) -> Iterable[tuple[int, dict]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"manifest {path} cannot be read ({e})") from None
+    if path.suffix.lower() == ".jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"manifest {path.name} line {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"manifest {path.name} line {i}: expected a JSON object like "
+                                 '{"image": "a.png", "label": 3}')
+            yield i, row
+    else:
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or "image" not in [f.strip() for f in reader.fieldnames]:
+            raise InputError(f"manifest {path.name}: the CSV header must name an 'image' column")
+        for i, row in enumerate(reader, 2):
+            yield i, {(k or "").strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}

@@ -1,0 +1,273 @@
+"""The extraction pipeline behind ``attnviz extract``.
+
+Order of work (every user mistake is found before anything slow or destructive happens):
+
+1. check the options and the output path (:func:`attnviz.store.check_output_path`), the device;
+2. find the model and its architecture (config only), enumerate and decode-check the inputs;
+3. load the model, create (or resume) the recording;
+4. per batch: prepare the next batch in a background thread while the model runs this one; one
+   forward with ``output_attentions=True``; the maps leave the device once, as one float16 array
+   ``[batch, layer, head, query_pos, key_pos]``; attributions; the writer's thread compresses and
+   writes while the next batch runs;
+5. ``writer.finish()`` (mark complete, rename), then basic per-head statistics.
+
+An interruption (Ctrl-C, an error) flushes the finished batches and leaves ``<out>.partial``;
+``--resume`` recomputes only the batches not marked done, with the same batch boundaries, so the
+resumed file equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from attnviz.errors import InputError, ModelError
+from attnviz.store import RecordingWriter, SampleBatch, check_output_path, partial_path
+from extractor.adapters import Adapter, detect, get_adapter, load_config, resolve_model
+from extractor.adapters.base import class_names_of
+from extractor.device import resolve_device, resolve_dtype
+from extractor.inputs import InputSet, collect_images
+
+__all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "COMPRESSIONS", "TARGETS"]
+
+COMPRESSIONS = ("lzf", "gzip", "none")
+TARGETS = ("predicted", "label")
+# parameters that change what is recorded: a resumed run must use the same ones
+_RESUME_KEYS = ("model_class", "attributions", "target", "dtype")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Everything ``attnviz extract`` takes (see ``docs/extract.md``).
+
+    Attributes:
+        model: a ``save_pretrained`` directory or a hub id in the local cache.
+        input: an image, a folder of images, or a ``.jsonl``/``.csv`` manifest.
+        out: the recording to write (``.h5``).
+        family: expected model family ("vit"); None = detect from the config.
+        device: "auto" | "cpu" | "cuda".  dtype: "float32" | "float16" | "bfloat16" (GPU).
+        batch_size: images per forward (and per resumable unit).
+        limit: record at most this many images.
+        attributions: method names; None = every registered method; () = attention only.
+        target: the class attributions explain: "predicted" or "label".
+        compression: "lzf" | "gzip" | "none".
+        overwrite / resume: replace an existing output / continue an interrupted one.
+        progress: show a progress bar on stderr.
+    """
+
+    model: str
+    input: str
+    out: str
+    family: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 8
+    limit: int | None = None
+    attributions: tuple[str, ...] | None = None
+    target: str = "predicted"
+    compression: str = "lzf"
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction did.
+
+    Attributes:
+        path: the complete recording.
+        n_samples: samples in it; n_recorded: samples computed by this call (fewer when resumed).
+        seconds: wall time of the per-batch loop; accuracy: on labelled samples, or None.
+        skipped: (input, reason) of unreadable inputs.
+        adapter: the loaded model, for follow-up steps on the same model (e.g. head importance).
+    """
+
+    path: Path
+    n_samples: int
+    n_recorded: int
+    seconds: float
+    accuracy: float | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    adapter: Adapter | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_recorded / self.seconds if self.seconds > 0 else float("nan")
+
+
+def parse_attributions(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``--attributions`` -> method names: "all"/None = None (every method), "none" = (), else a comma list
+    checked against the registry (unknown name -> InputError listing the available ones)."""
+    from extractor import attributions as A
+
+    if text is None:
+        return None
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    if not parts or parts == ["all"]:
+        return None
+    if parts == ["none"]:
+        return ()
+    if "none" in parts or "all" in parts:
+        raise InputError("--attributions: 'none' and 'all' cannot be combined with method names")
+    for p in parts:
+        A.get(p)
+    return tuple(dict.fromkeys(parts))
+
+
+def extract(opts: ExtractOptions) -> ExtractResult:
+    """Record attention maps (and logits, thumbnails, masks, attributions) of every input.
+
+    Raises:
+        InputError / ModelError: user mistakes, before anything is written or overwritten.
+        KeyboardInterrupt: passed on after keeping ``<out>.partial`` for ``--resume``.
+    """
+    from extractor import attributions as A
+
+    # 1. options and paths: cheap checks first, nothing loaded yet
+    if opts.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if opts.compression not in COMPRESSIONS:
+        raise InputError(f"unknown compression {opts.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if opts.target not in TARGETS:
+        raise InputError(f"unknown --target {opts.target!r}; choose one of {', '.join(TARGETS)}")
+    if opts.family is not None:
+        get_adapter(opts.family)
+    out = Path(opts.out)
+    check_output_path(out, overwrite=opts.overwrite, resume=opts.resume)
+    device = resolve_device(opts.device)
+    autocast_dtype = resolve_dtype(opts.dtype, device)
+    methods = A.available() if opts.attributions is None else list(opts.attributions)
+    for m in methods:
+        A.get(m)
+
+    # 2. model (config only) and inputs
+    source = resolve_model(opts.model)
+    config = load_config(source)
+    arch = detect(config)
+    if opts.family is not None and arch.family != opts.family:
+        raise ModelError(f"{source.ref} is a {arch.model_class} ({arch.family} family), not a {opts.family} model")
+    inputs = collect_images(opts.input, class_names=class_names_of(config), limit=opts.limit)
+    if opts.target == "label":
+        unlabelled = [it.id for it in inputs.items if it.label < 0]
+        if unlabelled:
+            raise InputError(f"--target label needs a label for every input; {len(unlabelled)} have none "
+                             f"(first: {unlabelled[0]})")
+
+    # 3. model and file
+    adapter = get_adapter(arch.family).load(source, config, arch, device=device, autocast_dtype=autocast_dtype)
+    layout = adapter.layout
+    specs = [A.spec(m, layout=layout, target=opts.target) for m in methods]
+    params = {
+        "model": source.ref, "model_path": str(source.path), "model_class": adapter.model_class,
+        "input": str(opts.input), "limit": opts.limit, "attributions": methods, "target": opts.target,
+        "dtype": opts.dtype, "device": device.type, "batch_size": opts.batch_size,
+        "compression": opts.compression, "torch": torch.__version__,
+    }
+    if opts.resume:
+        writer = RecordingWriter.resume(out, sample_ids=inputs.ids)
+        stored = writer.params
+        for key in _RESUME_KEYS:
+            if key in stored and stored[key] != params[key]:
+                writer.close()
+                raise InputError(f"{partial_path(out)} was recorded with {key}={stored[key]!r}, this run has "
+                                 f"{params[key]!r}; resume with the same options or use --overwrite")
+    else:
+        writer = RecordingWriter.create(
+            out, family=adapter.name, model_name=adapter.model_name, model_class=adapter.model_class,
+            sample_ids=inputs.ids, stacks=adapter.stacks(), class_names=adapter.class_names,
+            labels=np.array([it.label for it in inputs.items], np.int32),
+            thumbnail_shape=adapter.thumbnail_size, mask_shape=adapter.thumbnail_size if inputs.has_masks else None,
+            attributions=specs, batch_size=opts.batch_size, compression=opts.compression,
+            model_config=adapter.config_dict(), extraction_params=params,
+            target_source="label" if inputs.has_labels else "prediction",
+            skipped=inputs.skipped, overwrite=opts.overwrite,
+        )
+
+    # 4. the loop
+    todo = writer.pending_batches()
+    n_todo = sum(stop - start for start, stop in todo)
+    t0 = time.perf_counter()
+    try:
+        _run_batches(adapter, inputs, writer, todo, methods, opts)
+    except BaseException:
+        writer.close()  # finished batches stay: --resume continues from them
+        if partial_path(out).exists():
+            print(f"note: the finished batches are kept in {partial_path(out)}; continue with --resume",
+                  file=sys.stderr)
+        raise
+    # the writer's thread may still be compressing: finish() waits for it
+    path = writer.finish()
+    seconds = time.perf_counter() - t0
+
+    # 5. basic per-head statistics, so the dashboard has them without `attnviz analyze`
+    _store_head_stats(path)
+
+    import attnviz
+
+    with attnviz.open(path) as rec:
+        accuracy = rec.accuracy
+        n = rec.n_samples
+        skipped = rec.skipped
+    return ExtractResult(path=path, n_samples=n, n_recorded=n_todo, seconds=seconds, accuracy=accuracy,
+                         skipped=skipped, adapter=adapter)
+
+
+def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, todo: list[tuple[int, int]],
+                 methods: list[str], opts: ExtractOptions) -> None:
+    from extractor import attributions as A
+
+    items = inputs.items
+    n_todo = sum(stop - start for start, stop in todo)
+    bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress)
+    forward = adapter.logits_fn() if methods else None
+    # one thread reads and preprocesses the next batch while the model runs this one
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-prepare") as pool:
+        pending: Future[Any] | None = pool.submit(adapter.prepare, items[todo[0][0]:todo[0][1]]) if todo else None
+        for i, (start, stop) in enumerate(todo):
+            assert pending is not None
+            batch = pending.result()
+            pending = pool.submit(adapter.prepare, items[todo[i + 1][0]:todo[i + 1][1]]) if i + 1 < len(todo) else None
+            with torch.no_grad():
+                out = adapter.run(batch)
+            # one device-to-host copy per kind and batch
+            maps = {kind: m.cpu().numpy() for kind, m in out.attention.items()}
+            logits = out.logits.detach().cpu().numpy().astype(np.float32, copy=False)
+            predictions = logits.argmax(axis=1).astype(np.int32)
+            attributions: dict[str, np.ndarray] = {}
+            if methods:
+                assert forward is not None
+                target = batch.labels if opts.target == "label" else predictions
+                targets = torch.as_tensor(target, dtype=torch.long, device=adapter.device)
+                px = batch.inputs["pixel_values"].to(adapter.device)
+                # rollout and friends read the maps as recorded (float16 -> float32 on the host)
+                attn32 = torch.from_numpy(maps[adapter.stacks()[0].kind]).float().numpy()
+                for m in methods:
+                    attributions[m] = A.compute(m, forward=forward, pixel_values=px, targets=targets,
+                                                attentions=attn32, layout=adapter.layout)
+            writer.write(SampleBatch(start=start, attention=maps, predictions=predictions, logits=logits,
+                                     lengths=out.lengths, labels=batch.labels, thumbnails=batch.thumbnails,
+                                     masks=batch.masks, attributions=attributions))
+            bar.update(stop - start)
+    bar.close()
+
+
+def _progress(*, total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc="extract", disable=not enabled,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _store_head_stats(path: Path) -> None:
+    """Basic per-head statistics (``attnviz.analysis.head_stats``) stored into the finished file."""
+    from attnviz.analysis.head_stats import compute_and_store
+
+    compute_and_store(path)
