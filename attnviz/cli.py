@@ -37,6 +37,52 @@ def fail(message: str) -> None:
 
 
 @app.command()
+def extract(
+    model: str = typer.Option(..., "--model", help="A model folder made by save_pretrained, or a hub id already "
+                              "in the local Hugging Face cache (attnviz never downloads)."),
+    input_path: Path = typer.Option(..., "--input", help="An image, a folder of images (recursive; class-named "
+                               "subfolders give labels), or a .jsonl/.csv manifest (image, label, mask)."),
+    out: Path = typer.Option(..., "--out", help="The recording to write (.h5)."),
+    family: Optional[str] = typer.Option(None, "--family", help="Expected model family (vit); default: "
+                                         "detected from the model's config."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="Forward precision on the GPU: float32, float16 or "
+                              "bfloat16 (autocast; maps are stored as float16 either way)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass (and per resumable unit)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Record at most N images (the first in order)."),
+    attributions: str = typer.Option("all", "--attributions", help="Comma list of attribution methods "
+                                     "(saliency, integrated_gradients, occlusion, rollout), 'all', or 'none' "
+                                     "for attention only."),
+    target: str = typer.Option("predicted", "--target", help="Class the attributions explain: predicted or label."),
+    compression: str = typer.Option("lzf", "--compression", help="HDF5 compression: lzf (fast), gzip (smaller) "
+                                    "or none."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (<out>.partial) with the "
+                                "same options."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    importance: bool = typer.Option(False, "--importance", help="Then measure pruning-based head importance on "
+                                    "the same inputs (as `attnviz importance`, zero ablation)."),
+) -> None:
+    """Record every head's attention map (plus logits, thumbnails, attributions) into one HDF5 file."""
+    from extractor.pipeline import ExtractOptions, extract as run_extract, parse_attributions
+
+    opts = ExtractOptions(model=model, input=str(input_path), out=str(out), family=family, device=device, dtype=dtype,
+                          batch_size=batch_size, limit=limit, attributions=parse_attributions(attributions),
+                          target=target, compression=compression, overwrite=overwrite, resume=resume,
+                          progress=progress)
+    result = run_extract(opts)
+    if importance:
+        from extractor.importance import ImportanceOptions, run_importance
+
+        run_importance(result.adapter, str(input_path), result.path, ImportanceOptions(progress=progress),
+                       batch_size=batch_size, limit=limit, force=True)
+    acc = "" if result.accuracy is None else f", accuracy {result.accuracy:.1%}"
+    typer.echo(f"wrote {result.path}: {result.n_samples} images{acc}; {result.n_recorded} recorded in "
+               f"{result.seconds:.1f} s ({result.images_per_second:.1f} img/s)"
+               + (f"; {len(result.skipped)} input(s) skipped" if result.skipped else ""))
+
+
+@app.command()
 def info(
     file: Path = typer.Argument(..., help="A recording (.h5)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),

@@ -73,3 +73,61 @@ def make_recording(
                                               "rollout": rng.random((b, *grid)).astype(np.float32)}))
         w.finish()
     return Path(path)
+
+
+# -- tiny models and images for extractor tests (torch/transformers imported lazily) ------------
+
+TINY_ARCHS = ("vit", "deit", "deit_teacher", "dinov2_registers")
+
+
+def save_tiny_model(path: str | Path, arch: str = "vit", *, image_size: int | tuple[int, int] = 32, patch: int = 8,
+                    layers: int = 2, heads: int = 4, hidden: int = 32, class_names: tuple[str, ...] = CLASS_NAMES,
+                    processor: bool = True, seed: int = 0, n_registers: int = 2) -> Path:
+    """Save a tiny randomly initialised image classifier with ``save_pretrained`` (safetensors).
+
+    Args:
+        arch: one of :data:`TINY_ARCHS`.
+        processor: also save a ``preprocessor_config.json`` (ViTImageProcessorPil, mean = std = 0.5).
+
+    ``initializer_range=0.2`` gives attention maps far from uniform, so wrong maps are visible.
+    """
+    import torch
+    import transformers as T
+
+    path = Path(path)
+    labels = {i: n for i, n in enumerate(class_names)}
+    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
+                  image_size=image_size, patch_size=patch, num_labels=len(class_names), id2label=labels,
+                  label2id={n: i for i, n in labels.items()}, initializer_range=0.2)
+    if arch == "vit":
+        cfg, cls = T.ViTConfig(**common), T.ViTForImageClassification
+    elif arch == "deit":
+        cfg, cls = T.DeiTConfig(**common), T.DeiTForImageClassification
+    elif arch == "deit_teacher":
+        cfg, cls = T.DeiTConfig(**common), T.DeiTForImageClassificationWithTeacher
+    elif arch == "dinov2_registers":
+        cfg, cls = T.Dinov2WithRegistersConfig(**common, num_register_tokens=n_registers), \
+            T.Dinov2WithRegistersForImageClassification
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}; known: {TINY_ARCHS}")
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    model.save_pretrained(path)
+    if processor:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        T.ViTImageProcessorPil(size={"height": h, "width": w}).save_pretrained(path)
+    return path
+
+
+def write_images(folder: str | Path, names: list[str], *, size: tuple[int, int] = (40, 48), seed: int = 0) -> list[Path]:
+    """Write random RGB PNGs (``size`` = (h, w)) under ``folder`` at the relative ``names``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in names:
+        p = Path(folder) / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(p)
+        out.append(p)
+    return out
