@@ -47,6 +47,11 @@ class Recording:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        # per-kind caches: a dashboard reads many single maps, and each HDF5 object lookup or
+        # attribute read costs about as much as reading the map itself
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._stack_shapes: dict[str, tuple[int, int]] = {}
+        self._lengths: dict[str, np.ndarray] = {}
         if not self.path.exists():
             raise RecordingError(f"{self.path}: no such file")
         if self.path.is_dir():
@@ -147,7 +152,7 @@ class Recording:
 
     # -- identity --------------------------------------------------------------------------
 
-    @property
+    @cached_property
     def family(self) -> str:
         return _str(self._f.attrs[S.ATTR_FAMILY])
 
@@ -171,7 +176,7 @@ class Recording:
     def complete(self) -> bool:
         return bool(self._f.attrs[S.ATTR_COMPLETE])
 
-    @property
+    @cached_property
     def main_kind(self) -> str:
         return _str(self._f.attrs[S.ATTR_MAIN_KIND])
 
@@ -220,8 +225,11 @@ class Recording:
 
     def stack_shape(self, kind: str | None = None) -> tuple[int, int]:
         """(n_layers, n_heads) of one attention kind."""
-        g = self._group(kind)
-        return int(g.attrs[S.ATTR_STACK_N_LAYERS]), int(g.attrs[S.ATTR_STACK_N_HEADS])
+        kind = kind or self.main_kind
+        if kind not in self._stack_shapes:
+            g = self._group(kind)
+            self._stack_shapes[kind] = int(g.attrs[S.ATTR_STACK_N_LAYERS]), int(g.attrs[S.ATTR_STACK_N_HEADS])
+        return self._stack_shapes[kind]
 
     def layout(self, kind: str | None = None) -> S.TokenLayout:
         """How the tokens of ``kind`` map onto the input (prefix tokens, patch grid, ...)."""
@@ -258,7 +266,10 @@ class Recording:
     def lengths(self, sample: int, kind: str | None = None) -> tuple[int, int]:
         """Valid (query_len, key_len) of one sample (maps are padded to the longest sample)."""
         self._check_sample(sample)
-        q, k = self._group(kind)[S.LENGTHS][sample]
+        kind = kind or self.main_kind
+        if kind not in self._lengths:  # [n_samples, 2] int32: small, read once
+            self._lengths[kind] = self._group(kind)[S.LENGTHS][: self.n_samples]
+        q, k = self._lengths[kind][sample]
         return int(q), int(k)
 
     def iter_attention(self, kind: str | None = None, *, samples: Sequence[int] | None = None,
@@ -437,6 +448,7 @@ class Recording:
             raise RecordingError(f"{self.path}: the recording is incomplete; finish it with "
                                  "`attnviz extract --resume` first")
         self._f.close()
+        self._datasets.clear()
         try:
             f = h5py.File(self.path, "r+", locking=False)
         except OSError as e:
@@ -463,7 +475,10 @@ class Recording:
         return self._f[key]
 
     def _maps(self, kind: str | None) -> h5py.Dataset:
-        return self._group(kind)[S.MAPS]
+        kind = kind or self.main_kind
+        if kind not in self._datasets:
+            self._datasets[kind] = self._group(kind)[S.MAPS]
+        return self._datasets[kind]
 
     def _check_sample(self, sample: int) -> None:
         if not 0 <= sample < self.n_samples:
