@@ -164,7 +164,7 @@ def report(
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the typer app, turning user errors into one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
     except AttnvizError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -182,6 +182,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             typer.echo(f"error: {e.format_message()}", err=True)
             sys.exit(2)
         raise
+    # without standalone mode, click turns Ctrl-C into the return value 130 instead of raising
+    if result == 130:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
 
 
 __all__ = ["app", "main", "fail", "InputError"]
