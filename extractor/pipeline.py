@@ -229,7 +229,7 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
     bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress)
     forward = adapter.logits_fn() if methods else None
     # one thread reads and preprocesses the next batch while the model runs this one
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-prepare") as pool:
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-prepare") as pool:
         pending: Future[Any] | None = pool.submit(adapter.prepare, items[todo[0][0]:todo[0][1]]) if todo else None
         for i, (start, stop) in enumerate(todo):
             assert pending is not None
@@ -256,7 +256,6 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
                                      lengths=out.lengths, labels=batch.labels, thumbnails=batch.thumbnails,
                                      masks=batch.masks, attributions=attributions))
             bar.update(stop - start)
-    bar.close()
 
 
 def _progress(*, total: int, initial: int, enabled: bool) -> Any:
