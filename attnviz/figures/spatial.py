@@ -2,7 +2,9 @@
 
 Pure functions: arrays in, ``go.Figure`` out. Figures that show heads as points carry
 ``customdata = [layer, head]`` on every point so that a click (``clickData["points"][0]["customdata"]``)
-selects the head; :func:`clicked_head` reads it back.
+selects the head; :func:`clicked_head` reads it back. customdata is given as nested lists, not a
+numpy array: plotly serialises numpy arrays as typed arrays, and plotly.js leaves those out of
+click events.
 
 The report views of the spatial analysis are registered at the bottom (they read the cached
 analysis; a recording without it is skipped).
@@ -71,7 +73,7 @@ def fig_layer_trend(values: np.ndarray, *, metric: str, units: str = "", selecte
     custom = np.stack([layer.ravel(), head.ravel()], -1)[keep]
     suffix = f" {units}" if units else ""
     fig = go.Figure(go.Scatter(
-        x=x, y=v.ravel()[keep], mode="markers", customdata=custom, name="heads",
+        x=x, y=v.ravel()[keep], mode="markers", customdata=custom.tolist(), name="heads",
         marker=dict(size=8, color=head.ravel()[keep], colorscale="Turbo", cmin=0, cmax=max(n_heads - 1, 1),
                     line=dict(width=0.5, color="#333"),
                     colorbar=dict(title=dict(text="head", side="right"), thickness=10)),
@@ -85,7 +87,7 @@ def fig_layer_trend(values: np.ndarray, *, metric: str, units: str = "", selecte
             and np.isfinite(v[selected]):
         sl, sh = selected
         fig.add_trace(go.Scatter(
-            x=[sl + _head_jitter(n_heads)[sh]], y=[v[sl, sh]], mode="markers", customdata=[[sl, sh]],
+            x=[sl + _head_jitter(n_heads)[sh]], y=[v[sl, sh]], mode="markers", customdata=[[int(sl), int(sh)]],
             name=f"layer {sl}, head {sh}", showlegend=False,
             marker=dict(size=16, symbol="circle-open", color=SELECTED_COLOUR, line=dict(width=3)),
             hovertemplate=f"selected: layer {sl}, head {sh}<br>{metric}: %{{y:.4g}}{suffix}<extra></extra>",
@@ -208,7 +210,7 @@ def fig_radial_profiles(radius: np.ndarray, values: np.ndarray, *, layer: int, m
     for h in range(n_heads):
         sel = selected_head == h
         fig.add_trace(go.Scatter(
-            x=r, y=v[h], mode="lines+markers", name=f"head {h}", customdata=np.tile([layer, h], (len(r), 1)),
+            x=r, y=v[h], mode="lines+markers", name=f"head {h}", customdata=[[int(layer), h]] * len(r),
             line=dict(width=4 if sel else 1.5, color=SELECTED_COLOUR if sel else palette[h]),
             marker=dict(size=7 if sel else 4), opacity=1.0 if (selected_head is None or sel) else 0.75,
             hovertemplate=f"layer {layer}, head {h}<br>ring %{{x}}: %{{y:.4g}}<extra></extra>",
@@ -244,7 +246,7 @@ def fig_shares(shares: np.ndarray, *, layer: int, selected_head: int | None = No
     fig = go.Figure()
     for i, name in enumerate(SHARE_NAMES):
         fig.add_trace(go.Bar(x=heads, y=s[:, i], name=_SHARE_LABELS[name], marker_color=SHARE_COLOURS[name],
-                             customdata=custom,
+                             customdata=custom.tolist(),
                              hovertemplate=f"layer {layer}, head %{{x}}<br>{_SHARE_LABELS[name]}: %{{y:.3f}}<extra></extra>"))
     ticks = [f"<b>{h}</b>" if h == selected_head else str(h) for h in heads]
     fig.update_xaxes(title="head", tickmode="array", tickvals=heads, ticktext=ticks)
@@ -283,7 +285,7 @@ def fig_image_vs_mean(image_values: np.ndarray, mean_values: np.ndarray, *, metr
     suffix = f" {units}" if units else ""
     fig = go.Figure(go.Scatter(
         x=m.ravel()[keep], y=a.ravel()[keep], mode="markers", name="heads",
-        customdata=np.stack([layer.ravel(), head.ravel()], -1)[keep],
+        customdata=np.stack([layer.ravel(), head.ravel()], -1)[keep].tolist(),
         marker=dict(size=7, color=layer.ravel()[keep], colorscale="Viridis", cmin=0, cmax=max(n_layers - 1, 1),
                     colorbar=dict(title=dict(text="layer", side="right"), thickness=10), line=dict(width=0.5, color="#333")),
         hovertemplate=(f"layer %{{customdata[0]}}, head %{{customdata[1]}}<br>mean over images: %{{x:.4g}}{suffix}"
@@ -295,7 +297,8 @@ def fig_image_vs_mean(image_values: np.ndarray, mean_values: np.ndarray, *, metr
                              line=dict(color="#999", dash="dash", width=1)))
     if selected is not None and 0 <= selected[0] < n_layers and 0 <= selected[1] < n_heads \
             and np.isfinite(a[selected]) and np.isfinite(m[selected]):
-        fig.add_trace(go.Scatter(x=[m[selected]], y=[a[selected]], mode="markers", customdata=[list(selected)],
+        fig.add_trace(go.Scatter(x=[m[selected]], y=[a[selected]], mode="markers",
+                                 customdata=[[int(selected[0]), int(selected[1])]],
                                  showlegend=False, hoverinfo="skip",
                                  marker=dict(size=16, symbol="circle-open", color=SELECTED_COLOUR, line=dict(width=3))))
     fig.update_xaxes(title=f"{metric}, mean over images" + (f" ({units})" if units else ""))

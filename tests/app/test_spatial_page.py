@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from dash import no_update
@@ -160,3 +162,24 @@ def test_lvlm_recording_uses_the_vision_tower(tmp_path):
     assert len(dist.data[0].x) == 6 and list(dist.data[2].customdata[0]) == [2, 1]  # 3 vision layers x 2 heads
     offset, _ = S.head_views(sel, "mean", [], "raw")
     np.testing.assert_allclose(np.asarray(offset.data[0].z), prof.offset_profile[2, 1], rtol=1e-6)
+
+
+@pytest.mark.browser
+def test_spatial_page_in_a_browser(dash_duo, analysed):
+    """The real page renders its figures, a click on a head selects it, and the console stays clean."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    app = create_app([analysed])
+    dash_duo.start_server(app)
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/spatial")
+    dash_duo.wait_for_element("#spatial-trend .scatterlayer .point", timeout=20)
+    dots = dash_duo.driver.find_elements("css selector", "#spatial-trend .scatterlayer .trace:first-child .point")
+    assert len(dots) == 3 * 4  # every head of the 3x4 model is a dot
+    # click a head's dot (plotly takes clicks on its drag layer above the points: click where the dot is)
+    dot = dash_duo.driver.find_elements("css selector", "#spatial-trend .scatterlayer .trace:first-child .point")[7]
+    dash_duo.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", dot)
+    ActionChains(dash_duo.driver).move_to_element(dot).pause(0.5).click().perform()
+    dash_duo.wait_for_contains_text("#spatial-offset", "Layer 1, head 3", timeout=20)  # dot 7 = layer 1, head 3
+    # no console errors; a callback of another page waiting for its own components is that page's to fix
+    other_page = re.compile(r"nonexistent object was used in an `Input`.*The id of this object is `(?!spatial)")
+    assert [e["message"][:300] for e in dash_duo.get_logs() if not other_page.search(e["message"])] == []
