@@ -83,6 +83,45 @@ def extract(
 
 
 @app.command()
+def importance(
+    model: str = typer.Option(..., "--model", help="The model the recording was made with (folder or cached hub id)."),
+    input_path: Path = typer.Option(..., "--input", help="Images to measure on: an image, a folder or a manifest "
+                                    "(labels as for extract; without labels the model's predictions are the targets)."),
+    into: Path = typer.Option(..., "--into", help="A complete recording of this model; results are added to it."),
+    ablation: str = typer.Option("zero", "--ablation", help="zero: a head's output is set to 0; mean: to its mean "
+                                 "output over the inputs."),
+    family: Optional[str] = typer.Option(None, "--family", help="Expected model family (vit)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="Forward precision on the GPU (float32, float16, bfloat16)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per batch (each forward replicates it "
+                                   "once per ablation it evaluates)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use the first N inputs."),
+    seeds: int = typer.Option(5, "--seeds", help="Random pruning orders for the baseline."),
+    max_rows: int = typer.Option(256, "--max-rows", help="Rows (ablations x images) per forward; lower it if "
+                                 "memory runs out."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if the stored result has the same parameters."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+) -> None:
+    """Pruning-based head importance (ablation, gradient, partial and iterative pruning) into a recording."""
+    from extractor.adapters import load_model
+    from extractor.importance import ImportanceOptions, run_importance
+
+    opts = ImportanceOptions(ablation=ablation, random_seeds=seeds, max_rows=max_rows, progress=progress)
+    if not into.exists():
+        raise InputError(f"{into}: no such recording; make it first with `attnviz extract`")
+    adapter = load_model(model, family=family, device=device, dtype=dtype)
+    result = run_importance(adapter, str(input_path), into, opts, batch_size=batch_size, limit=limit, force=force)
+    if result is None:
+        typer.echo(f"{into}: head importance is up to date (same parameters; --force recomputes)")
+        return
+    c = result.curves
+    best = max(c.auc, key=c.auc.get)
+    typer.echo(f"{into}: head importance of {c.n_samples} input(s), targets = {c.target_source}s, {opts.ablation} "
+               f"ablation; base accuracy {c.base_accuracy:.1%}; best pruning AUC {best} {c.auc[best]:.3f} "
+               f"(random {c.random.auc_mean:.3f} +- {c.random.auc_std:.3f})")
+
+
+@app.command()
 def info(
     file: Path = typer.Argument(..., help="A recording (.h5)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
