@@ -107,7 +107,7 @@ def find_output_projections(model: nn.Module, pattern: str | re.Pattern[str], n_
     if not found:
         raise ModelError(
             f"cannot find the attention output projections of {type(model).__name__}: "
-            f"no module name matches {rx.pattern!r}"
+            f'no module name matches the pattern "{rx.pattern}"'
         )
     layer_ids = [hit.group(1) for _, _, hit in hits if hit] if rx.groups else []
     if layer_ids and all(i is not None and i.isdigit() for i in layer_ids):

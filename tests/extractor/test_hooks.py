@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -71,7 +72,8 @@ def test_find_output_projections_vit_and_deit():
 
 
 def test_missing_projection_names_the_pattern(vit):
-    with pytest.raises(ModelError, match=r"self_attn\\\\.out_proj"):
+    with pytest.raises(ModelError, match=re.escape('ViTForImageClassification: no module name matches the pattern '
+                                                   r'"self_attn\.out_proj$"')):
         find_output_projections(vit, r"self_attn\.out_proj$")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -226,3 +227,115 @@ def test_without_labels_predictions_are_the_targets(vit, sites, images):
     res = compute_importance(vit, sites, data, ImportanceOptions(progress=False, random_seeds=1, prune_steps=2))
     assert res.curves.target_source == "prediction" and res.params["target_source"] == "prediction"
     assert (res.metrics["accuracy_drop"] >= 0).all()  # nothing beats agreeing with itself
+
+
+# -- the command end to end ------------------------------------------------------------------------
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    from attnviz.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from tests.helpers import save_tiny_model, write_images
+
+    root = tmp_path_factory.mktemp("imp")
+    save_tiny_model(root / "vit", "vit", image_size=16, patch=8, layers=2, heads=2, hidden=16)
+    write_images(root / "imgs", ["circle/a.png", "circle/b.png", "square/c.png", "triangle/d.png", "square/e.png"])
+    write_images(root / "unlabelled", ["a.png", "b.png", "c.png"], seed=1)
+    return root
+
+
+def test_cli_extract_with_importance_then_importance_command(env, tmp_path, capsys):
+    out = tmp_path / "run.h5"
+    code, stdout, err = cli(capsys, "extract", "--model", env / "vit", "--input", env / "imgs", "--out", out,
+                            "--attributions", "none", "--batch-size", "2", "--no-progress", "--importance")
+    assert code == 0, err
+    with attnviz_open(out) as rec:
+        names = set(rec.head_metrics())
+        assert {"accuracy_drop", "loss_increase", "kl_divergence", "gradient_importance", "entropy",
+                "confidence"} <= names
+        info = rec.head_metric_info("gradient_importance")
+        assert "Michel" in info.citation and "dL" in info.definition and info.params["target_source"] == "label"
+        assert rec.head_metric("accuracy_drop").shape == (2, 2)
+        c = A.read_importance(rec)
+        assert c.target_source == "label" and c.n_samples == 5 and c.ablation == "zero"
+        assert c.pruning_metrics == ("accuracy_drop", "loss_increase", "kl_divergence", "gradient_importance",
+                                     "entropy", "confidence")
+        assert c.random_accuracy.shape == (5, 11) and c.partial_accuracy.shape == (2, 2, 10)
+        assert c.base_accuracy == pytest.approx(rec.accuracy)
+        # the entropy curve prunes the highest-entropy heads first (low entropy = important)
+        np.testing.assert_array_equal(c.pruning_order[4], A.pruning_order(rec.head_metric("entropy"), False))
+
+    # same parameters: cached
+    args = ["importance", "--model", env / "vit", "--input", env / "imgs", "--into", out, "--batch-size", "2",
+            "--no-progress"]
+    code, stdout, err = cli(capsys, *args)
+    assert code == 0 and "up to date" in stdout, err
+    # mean ablation: recomputed, stored with its parameters
+    code, stdout, err = cli(capsys, *args, "--ablation", "mean", "--seeds", "2")
+    assert code == 0 and "mean ablation" in stdout and "base accuracy" in stdout, err
+    with attnviz_open(out) as rec:
+        assert A.read_importance(rec).ablation == "mean"
+        assert rec.head_metric_info("accuracy_drop").params["ablation"] == "mean"
+
+
+def test_cli_without_labels_uses_predictions(env, tmp_path, capsys):
+    out = tmp_path / "u.h5"
+    code, _, err = cli(capsys, "extract", "--model", env / "vit", "--input", env / "unlabelled", "--out", out,
+                       "--attributions", "none", "--no-progress")
+    assert code == 0, err
+    code, stdout, err = cli(capsys, "importance", "--model", env / "vit", "--input", env / "unlabelled", "--into", out,
+                            "--no-progress", "--seeds", "1")
+    assert code == 0, err
+    assert "targets = predictions" in stdout and "predictions serve as targets" in err
+    with attnviz_open(out) as rec:
+        c = A.read_importance(rec)
+        assert c.target_source == "prediction" and c.base_accuracy == 1.0
+        assert rec.head_metric_info("kl_divergence").params["target_source"] == "prediction"
+
+
+def test_cli_bad_input(env, tmp_path, capsys):
+    code, _, err = cli(capsys, "importance", "--model", env / "vit", "--input", env / "imgs", "--into",
+                       tmp_path / "none.h5")
+    assert code == 2 and err.startswith("error: ") and "no such recording" in err and "Traceback" not in err
+    other = tmp_path / "other.h5"
+    from tests.helpers import make_recording
+
+    make_recording(other, n_layers=3, n_heads=2)
+    code, _, err = cli(capsys, "importance", "--model", env / "vit", "--input", env / "imgs", "--into", other,
+                       "--no-progress")
+    assert code == 2 and "3x2 heads" in err
+    code, _, err = cli(capsys, "importance", "--model", env / "vit", "--input", env / "imgs", "--into", other,
+                       "--ablation", "median")
+    assert code == 2 and "unknown ablation 'median'" in err
+
+
+def test_output_projection_not_found_names_the_pattern(env, tmp_path):
+    """A model whose architecture row points at a module that is not there: ModelError naming the pattern."""
+    import dataclasses
+
+    from attnviz.errors import ModelError
+    from extractor.adapters import load_model
+    from extractor.importance import run_importance
+
+    adapter = load_model(env / "vit", device="cpu")
+    stack = dataclasses.replace(adapter.arch.stacks[0], output_projection="attention.out_proj")
+    adapter.arch = dataclasses.replace(adapter.arch, stacks=(stack,))
+    with pytest.raises(ModelError, match=re.escape(r'matches the pattern "^vit\.layers\.(\d+)\.attention\.out_proj$"')):
+        run_importance(adapter, str(env / "imgs"), tmp_path / "unused.h5")
+
+
+def attnviz_open(path):
+    import attnviz
+
+    return attnviz.open(path)
