@@ -40,6 +40,7 @@ __all__ = ["ReportView", "VIEWS", "VIEW_MODULES", "register_view", "parse_sample
 VIEW_MODULES: tuple[str, ...] = (
     "attnviz.report",
     "attnviz.figures.spatial",
+    "attnviz.figures.importance",
 )
 
 CHROMIUM_HINT = ("image export needs Chromium: install it (`apt-get install -y chromium`, or run "
