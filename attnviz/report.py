@@ -34,7 +34,7 @@ from attnviz.errors import InputError
 from attnviz.store.reader import Recording
 
 __all__ = ["ReportView", "VIEWS", "VIEW_MODULES", "register_view", "parse_samples", "write_report",
-           "collect_figures", "CHROMIUM_HINT"]
+           "collect_figures", "check_browser", "CHROMIUM_HINT"]
 
 #: Modules whose import registers report views (each with ``@register_view``).
 VIEW_MODULES: tuple[str, ...] = (
@@ -44,7 +44,7 @@ VIEW_MODULES: tuple[str, ...] = (
 )
 
 CHROMIUM_HINT = ("image export needs Chromium: install it (`apt-get install -y chromium`, or run "
-                 "`plotly_get_chrome`) or point BROWSER_PATH at a Chrome/Chromium binary")
+                 "`kaleido_get_chrome`) or point BROWSER_PATH at a Chrome/Chromium binary")
 
 ViewResult = Any  # go.Figure | list[tuple[str, go.Figure]] | None
 
@@ -196,6 +196,7 @@ def _export(items: list[ReportItem], out: Path, fmt: str, width: int, height: in
 
     warnings.filterwarnings("ignore", message="The kopts argument is ignored")
     written: list[tuple[ReportItem, str, int, int]] = []
+    check_browser()
     try:
         kaleido.start_sync_server(silence_warnings=True)
     except Exception as e:  # noqa: BLE001 - kaleido/choreographer raise several types for a missing browser
@@ -216,6 +217,21 @@ def _export(items: list[ReportItem], out: Path, fmt: str, width: int, height: in
         except Exception:  # noqa: BLE001 - stopping a server that failed to start
             pass
     return written
+
+
+def check_browser() -> None:
+    """Raise :class:`InputError` with :data:`CHROMIUM_HINT` when kaleido finds no Chrome/Chromium.
+
+    Checked before the sync server starts: that server fails in a background thread and would
+    leave the caller waiting.
+    """
+    import kaleido
+    from choreographer.errors import ChromeNotFoundError
+
+    try:
+        kaleido.Kaleido()  # resolves the browser path; starts nothing
+    except ChromeNotFoundError:
+        raise InputError(CHROMIUM_HINT) from None
 
 
 def _browser_error(e: Exception) -> Exception:

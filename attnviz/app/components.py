@@ -8,9 +8,20 @@ import dash
 from dash import Input, Output, State, dcc, html, no_update
 
 from attnviz.app import ids
+from attnviz.app.data import grid_metrics, grid_values
 from attnviz.app.selection import patch, resolve
+from attnviz.figures import fig_message
+from attnviz.figures.heads import fig_head_grid
 
-__all__ = ["GRAPH_CONFIG", "graph", "HeadGrid", "message"]
+__all__ = ["GRAPH_CONFIG", "graph", "HeadGrid", "message", "triggered_id"]
+
+
+def triggered_id() -> Any:
+    """``dash.ctx.triggered_id`` inside a callback; None when called as a plain function (tests)."""
+    try:
+        return dash.ctx.triggered_id
+    except dash.exceptions.MissingCallbackContextException:
+        return None
 
 #: plotly toolbar: always offers "Download plot as a PNG" (camera icon), at 2x resolution.
 GRAPH_CONFIG: dict[str, Any] = {
@@ -77,8 +88,6 @@ class HeadGrid:
 
     def options(self, data: Any, current: str | None) -> tuple[list[dict[str, str]], str | None]:
         """Metric dropdown options for the selected file, and the value to keep/choose."""
-        from attnviz.app.data import grid_metrics
-
         _, rec, problem = resolve(data, self.kind)
         if problem:
             return [], None
@@ -94,10 +103,6 @@ class HeadGrid:
 
     def figure(self, data: Any, metric: str | None):
         """The grid figure and its note for the selection and metric."""
-        from attnviz.app.data import grid_metrics, grid_values
-        from attnviz.figures import fig_message
-        from attnviz.figures.heads import fig_head_grid
-
         sel, rec, problem = resolve(data, self.kind)
         if problem:
             return fig_message(problem, height=220), ""

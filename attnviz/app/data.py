@@ -6,11 +6,13 @@ disk) starts with an empty cache, and nothing outlives the recording.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
+from attnviz.analysis.head_stats import METRIC_INFO, compute_head_stats
 from attnviz.store.reader import Recording
 
 __all__ = ["memo", "GridMetric", "grid_metrics", "grid_values", "LIVE_STATS_SAMPLES"]
@@ -39,8 +41,6 @@ class GridMetric:
 def grid_metrics(rec: Recording, kind: str | None = None) -> list[GridMetric]:
     """Per-head statistics the all-heads grid can colour ``kind`` by: the file's head metrics of
     that stack, plus entropy / confidence / cls_attention estimated live when not stored."""
-    from attnviz.analysis.head_stats import METRIC_INFO
-
     kind = kind or rec.main_kind
 
     def make() -> list[GridMetric]:
@@ -73,8 +73,6 @@ def grid_values(rec: Recording, metric: str, kind: str | None = None) -> tuple[n
         raise KeyError(f"no head metric {metric!r}; available: {', '.join(known) or 'none'}")
     if known[metric].stored:
         return memo(rec, ("metric", kind, metric), lambda: rec.head_metric(metric)), ""
-    from attnviz.analysis.head_stats import compute_head_stats
-
     stats = memo(rec, ("live_stats", kind), lambda: compute_head_stats(rec, kind, max_samples=LIVE_STATS_SAMPLES))
     why = "the file is incomplete" if not rec.complete else "not stored in the file; run `attnviz analyze FILE`"
     note = f"{metric} estimated from the first {stats.n_samples} sample(s) ({why})."
@@ -84,8 +82,6 @@ def grid_values(rec: Recording, metric: str, kind: str | None = None) -> tuple[n
 def lru(rec: Recording, namespace: str, key: Any, make: Callable[[], Any], maxsize: int = 32) -> Any:
     """Like :func:`memo` but keeps only the ``maxsize`` most recent keys of ``namespace``
     (per-sample values: memory stays bounded however large the file)."""
-    from collections import OrderedDict
-
     cache = rec.__dict__.setdefault("_attnviz_app_cache", {})
     store: OrderedDict = cache.setdefault(("lru", namespace), OrderedDict())
     if key in store:

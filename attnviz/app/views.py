@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from attnviz.app.data import lru, memo
+from attnviz.app.data import lru
 from attnviz.figures import fig_message
 from attnviz.figures.explorer import (
     fig_attribution_panels,

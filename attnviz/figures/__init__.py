@@ -12,6 +12,7 @@ import io
 
 import numpy as np
 import plotly.graph_objects as go
+from PIL import Image as _PILImage  # eager: lazy imports from several server threads at once can race
 
 __all__ = ["fig_message", "base_layout", "image_data_uri", "decode_data_uri", "HEAT_SCALE", "DIVERGING_SCALE", "FONT",
            "QUALITATIVE"]
@@ -29,22 +30,18 @@ def image_data_uri(image: np.ndarray) -> str:
 
     Plotly ships an image given as a URI as compressed PNG instead of a JSON array of every pixel.
     """
-    from PIL import Image
-
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    _PILImage.fromarray(arr).save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def decode_data_uri(uri: str) -> np.ndarray:
     """The pixels of a PNG ``data:`` URI (inverse of :func:`image_data_uri`), uint8 ``[h, w, c]``."""
-    from PIL import Image
-
     raw = base64.b64decode(uri.split(",", 1)[1])
-    return np.asarray(Image.open(io.BytesIO(raw)))
+    return np.asarray(_PILImage.open(io.BytesIO(raw)))
 
 
 def base_layout(fig: go.Figure, *, title: str | None = None, height: int | None = None,

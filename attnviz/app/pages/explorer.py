@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-from dash import Input, Output, callback, ctx, dcc, html, no_update
+from dash import Input, Output, State, callback, dcc, html, no_update
 
 from attnviz.app import ids
-from attnviz.app.components import HeadGrid, graph
+from attnviz.app.components import HeadGrid, graph, triggered_id
 from attnviz.app.selection import patch, resolve
 from attnviz.app.views import (
     attribution_panels,
@@ -59,13 +59,13 @@ def layout(**_kwargs: Any) -> html.Div:
             html.Div([graph(OVERLAY, filename="query-attention"),
                       html.Div("Click a patch to make it the query.", className="av-note")], className="av-card av-col"),
             html.Div(graph(MULTIPLES, filename="layer-heads"), className="av-card av-col"),
+            html.Div([html.H3("All heads (click to select)"), grid.layout()], className="av-card av-col-narrow"),
         ], className="av-cols"),
         html.Div([
             html.Div(graph(CLS, filename="cls-attention"), className="av-card av-col-narrow"),
             html.Div(graph(ATTRIB, filename="attributions"), className="av-card av-col"),
         ], className="av-cols"),
         html.Div(graph(RAW, filename="raw-attention"), id=RAW_BOX, className="av-card", style={"display": "none"}),
-        html.Div([html.H3("All heads"), grid.layout()], className="av-card"),
     ], className="av-page")
 
 
@@ -80,52 +80,86 @@ def _resolve(data: Any):
     return sel, rec, kind, problem
 
 
-@callback(Output(ids.SELECTION, "data", allow_duplicate=True),
-          Output(LAYER, "value"), Output(LAYER, "max"), Output(LAYER, "marks"),
+@callback(Output(LAYER, "value"), Output(LAYER, "max"), Output(LAYER, "marks"),
           Output(HEAD, "value"), Output(HEAD, "max"), Output(HEAD, "marks"),
-          Input(ids.SELECTION, "data"), Input(LAYER, "value"), Input(HEAD, "value"),
-          prevent_initial_call="initial_duplicate")
-def sliders(data: Any, layer: int | None, head: int | None):
-    """Sliders <-> selection, in one callback (a two-callback loop would be circular).
+          Input(ids.SELECTION, "data"))
+def sliders_from_selection(data: Any):
+    """Selection -> sliders (see :func:`slider_state`)."""
+    return slider_state(data)
 
-    A slider move writes the selection; a selection change (or page load) moves the sliders.
-    """
+
+@callback(Output(ids.SELECTION, "data", allow_duplicate=True), Input(LAYER, "value"), Input(HEAD, "value"),
+          State(ids.SELECTION, "data"), prevent_initial_call=True)
+def selection_from_sliders(layer: int | None, head: int | None, data: Any):
+    """Slider move -> selection (see :func:`slider_moved`). Only page-local inputs, so the callback
+    never fires on other pages; it returns no update when the sliders just followed the selection."""
+    return slider_moved(data, layer, head)
+
+
+def slider_state(data: Any) -> tuple:
+    """Selection -> (layer value, max, marks, head value, max, marks)."""
     sel, rec, kind, problem = _resolve(data)
     if problem:
-        return (no_update,) * 7
+        return (no_update,) * 6
     n_layers, n_heads = rec.stack_shape(kind)
-    if ctx.triggered_id in (LAYER, HEAD):
-        new_layer = sel.layer if layer is None else int(layer)
-        new_head = sel.head if head is None else int(head)
-        if (new_layer, new_head) == (sel.layer, sel.head):
-            return (no_update,) * 7
-        return (patch(layer=new_layer, head=new_head),) + (no_update,) * 6
-    marks = lambda n: {i: str(i) for i in range(n)} if n <= 24 else {i: str(i) for i in range(0, n, max(1, n // 12))}  # noqa: E731
-    return no_update, sel.layer, n_layers - 1, marks(n_layers), sel.head, n_heads - 1, marks(n_heads)
+
+    def marks(n: int) -> dict[int, str]:
+        step = 1 if n <= 24 else max(1, n // 12)
+        return {i: str(i) for i in range(0, n, step)}
+
+    return sel.layer, n_layers - 1, marks(n_layers), sel.head, n_heads - 1, marks(n_heads)
+
+
+def slider_moved(data: Any, layer: int | None, head: int | None):
+    """Slider values -> selection patch (no update when they already agree)."""
+    sel, rec, kind, problem = _resolve(data)
+    if problem:
+        return no_update
+    new = (sel.layer if layer is None else int(layer), sel.head if head is None else int(head))
+    return no_update if new == (sel.layer, sel.head) else patch(layer=new[0], head=new[1])
 
 
 @callback(Output(ids.SELECTION, "data", allow_duplicate=True), Input(OVERLAY, "clickData"), Input(CLS_BUTTON, "n_clicks"),
-          Input(MULTIPLES, "clickData"), dash.State(ids.SELECTION, "data"), prevent_initial_call=True)
+          Input(MULTIPLES, "clickData"), State(ids.SELECTION, "data"), prevent_initial_call=True)
 def pick(click: Any, _cls_clicks: int, multiples_click: Any, data: Any):
     """Click on a patch -> query; "query: CLS" -> query 0; click on a small multiple -> head."""
+    trigger = triggered_id()
+    if trigger == CLS_BUTTON:
+        return cls_query(data)
+    if trigger == MULTIPLES:
+        return head_from_click(multiples_click, data)
+    return query_from_click(click, data)
+
+
+def query_from_click(click: Any, data: Any):
+    """A click on the image (pixel x, y) -> the patch under it becomes the query."""
     sel, rec, kind, problem = _resolve(data)
     if problem:
         return no_update
     lay = rec.layout(kind)
-    if ctx.triggered_id == CLS_BUTTON:
-        return patch(query=0) if lay.n_prefix else no_update
-    if ctx.triggered_id == MULTIPLES:
-        try:
-            h = int(multiples_click["points"][0]["customdata"])
-        except (TypeError, KeyError, IndexError, ValueError):
-            return no_update
-        return patch(head=h) if h >= 0 else no_update
     try:
         pt = click["points"][0]
         cell = cell_of_point(float(pt["x"]), float(pt["y"]), lay.grid, lay.patch_size)
     except (TypeError, KeyError, IndexError, ValueError):
         return no_update
     return no_update if cell is None else patch(query=query_of_cell(lay, cell))
+
+
+def head_from_click(click: Any, data: Any):
+    """A click on a small multiple -> its head."""
+    try:
+        h = int(click["points"][0]["customdata"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return no_update
+    return patch(head=h) if h >= 0 else no_update
+
+
+def cls_query(data: Any):
+    """The first prefix token (CLS) becomes the query."""
+    sel, rec, kind, problem = _resolve(data)
+    if problem or not rec.layout(kind).n_prefix:
+        return no_update
+    return patch(query=0)
 
 
 @callback(Output(OVERLAY, "figure"), Input(ids.SELECTION, "data"))

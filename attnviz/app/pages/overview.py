@@ -12,7 +12,7 @@ from attnviz.app import ids
 from attnviz.app.components import HeadGrid, graph, message
 from attnviz.app.selection import patch, resolve
 from attnviz.app.views import COLOUR_BY, model_card, thumbnail_page
-from attnviz.figures import fig_message
+from attnviz.figures import fig_message, image_data_uri
 
 dash.register_page(__name__, path="/", name="Overview", order=0, title="attnviz - overview")
 
@@ -106,8 +106,6 @@ def sample_card(data: Any):
     sel, rec, problem = resolve(data)
     if problem:
         return message(problem, "error")
-    from attnviz.figures import image_data_uri
-
     s = sel.sample
     names = rec.class_names
     lab, pred = int(rec.labels[s]), int(rec.predictions[s])
