@@ -525,6 +525,7 @@ def spatial_profiles(batches: Iterable[tuple[np.ndarray, np.ndarray]], geometry:
     acc = _Accumulator(geometry, n_layers, n_heads)
     for indices, maps in batches:
         acc.add(indices, maps)
+        del maps  # let the batch go before the next one is read: one batch in memory, not two
         if progress is not None:
             progress(len(indices))
     return acc.result(kind)
@@ -593,6 +594,7 @@ def _checked_batches(rec: Recording, kind: str, geom: PatchGeometry, samples: np
                 raise InputError(f"sample {int(s)} of {rec.path.name} has {rec.lengths(int(s), kind)} "
                                  f"({kind!r}) tokens, the layout says {geom.n_tokens}")
         yield idx, maps
+        del maps  # a generator's locals live on: drop the batch before reading the next
 
 
 def compute_spatial(rec: Recording, kind: str | None = None, *, batch_size: int = 8,
@@ -618,6 +620,7 @@ def compute_spatial(rec: Recording, kind: str | None = None, *, batch_size: int 
     acc = _Accumulator(geom, n_layers, n_heads)
     for idx, maps in _checked_batches(rec, kind, geom, np.arange(params["n_samples"]), batch_size):
         acc.add(idx, maps)
+        del maps  # one batch in memory, not two (the next read would otherwise overlap this one)
         if progress is not None:
             progress(len(idx))
     return acc.result(kind, params)
