@@ -140,6 +140,13 @@ def analyze(
                                               help="Head statistics from the first N samples only."),
     spatial: bool = typer.Option(True, "--spatial/--no-spatial",
                                  help="Spatial attention profiles over all samples (cached; reused when unchanged)."),
+    patterns: bool = typer.Option(False, "--patterns", help="Pattern atlas: autoencoder + UMAP + clustering of "
+                                  "query-centred maps (cached; reused when unchanged). See docs/patterns.md."),
+    max_maps: int = typer.Option(50_000, "--max-maps", min=20, help="Patterns: maps in the stratified sample."),
+    latent: int = typer.Option(16, "--latent", min=1, help="Patterns: size of the autoencoder's code."),
+    clusters: str = typer.Option("auto", "--clusters", help="Patterns: auto (K by silhouette), a number K, or hdbscan."),
+    device: str = typer.Option("auto", "--device", help="Patterns: where the autoencoder trains: auto, cpu, cuda."),
+    absolute_maps: bool = typer.Option(False, "--absolute-maps", help="Patterns: absolute maps, not query-centred."),
 ) -> None:
     """Compute derived per-head results and store them in the recording.
 
@@ -154,6 +161,12 @@ def analyze(
         from attnviz.analysis.spatial import analyze_step
 
         for line in analyze_step(file):
+            typer.echo(f"{file}: {line}")
+    if patterns:
+        from attnviz.analysis.patterns import analyze_step as patterns_step
+
+        for line in patterns_step(file, max_maps=max_maps, latent=latent, clusters=clusters, device=device,
+                                  absolute=absolute_maps):
             typer.echo(f"{file}: {line}")
 
 

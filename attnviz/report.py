@@ -41,6 +41,7 @@ VIEW_MODULES: tuple[str, ...] = (
     "attnviz.report",
     "attnviz.figures.spatial",
     "attnviz.figures.importance",
+    "attnviz.figures.patterns",
 )
 
 CHROMIUM_HINT = ("image export needs Chromium: install it (`apt-get install -y chromium`, or run "

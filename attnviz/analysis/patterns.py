@@ -38,6 +38,7 @@ Importing this module imports neither torch nor umap.
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,7 @@ __all__ = [
     "map_detail",
     "describe_prototype",
     "default_threads",
+    "analyze_step",
 ]
 
 ANALYSIS_NAME = "patterns"
@@ -632,6 +634,8 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
     from attnviz.store.cache import save_analysis
 
     params = params or PatternParams()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise InputError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {device!r}")
     report = progress or (lambda stage, frac, msg: None)
     t_start = time.perf_counter()
     with attnviz.open(path) as rec:
@@ -886,3 +890,25 @@ def _bar(show: bool, total: int, desc: str, unit: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, leave=False)
+
+
+def analyze_step(path: str | os.PathLike, *, max_maps: int = 50_000, latent: int = 16, clusters: str = "auto",
+                 device: str = "auto", absolute: bool = False, show_bar: bool = True) -> list[str]:
+    """The ``attnviz analyze --patterns`` step: compute (or reuse) the atlas; one line per result.
+
+    ``clusters``: "auto" (KMeans, K by silhouette), a number K, or "hdbscan".
+    """
+    method = "hdbscan" if str(clusters).lower() == "hdbscan" else "kmeans"
+    params = PatternParams(max_maps=max_maps, latent=latent, clusters="auto" if method == "hdbscan" else clusters,
+                           method=method, mode="absolute" if absolute else "centred")
+    t0 = time.perf_counter()
+    atlas = compute_patterns(path, params, device=device, show_bar=show_bar)
+    s = atlas.summary
+    how = "cached, unchanged" if atlas.reused else (
+        f"computed in {time.perf_counter() - t0:.0f} s: training {s['seconds']['train']:.0f} s "
+        f"({s['epochs_run']} epochs on {s['device']}), UMAP {s['seconds']['umap']:.0f} s")
+    by = {"silhouette": "K by silhouette", "given": "K given", "hdbscan": "HDBSCAN"}.get(s["clusters_chosen_by"], "")
+    h, w = s["map_shape"]
+    return [f"pattern atlas ({atlas.kind}, {atlas.n_maps} {atlas.mode} maps of {h}x{w}, {how}): "
+            f"{atlas.n_clusters} clusters ({by}); reconstruction error {s['reconstruction_error']:.4g} "
+            f"({s['explained']:.0%} of the mean-map error explained)"]
