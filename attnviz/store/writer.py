@@ -354,6 +354,8 @@ class RecordingWriter:
             Exception: whatever failed in the background thread while writing an earlier batch.
         """
         self._raise_pending()
+        if not self._f.id.valid or (self._queue is not None and self._thread is None):
+            raise RecordingError(f"{self.partial}: the writer is already finished or closed")
         self._check_batch(batch)
         if self._queue is None:
             self._write_now(batch)

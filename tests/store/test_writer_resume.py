@@ -300,3 +300,13 @@ def test_check_output_path_unwritable_directory(tmp_path: Path) -> None:
     finally:
         if d.is_relative_to(tmp_path):
             d.chmod(0o700)
+
+
+def test_write_after_finish_or_close_is_refused(tmp_path: Path) -> None:
+    d = vit_data(3)
+    for end in ("finish", "close"):
+        w = create_vit(tmp_path / f"{end}.h5", d, batch_size=3)
+        w.write(vit_batch(d, 0, 3))
+        getattr(w, end)()
+        with pytest.raises(RecordingError, match="already finished or closed"):
+            w.write(vit_batch(d, 0, 3))
