@@ -13,7 +13,7 @@ from attnviz.app.selection import patch, resolve
 from attnviz.figures import fig_message
 from attnviz.figures.heads import fig_head_grid
 
-__all__ = ["GRAPH_CONFIG", "graph", "HeadGrid", "message", "triggered_id"]
+__all__ = ["GRAPH_CONFIG", "graph", "HeadGrid", "message", "triggered_id", "user_triggered"]
 
 
 def triggered_id() -> Any:
@@ -22,6 +22,23 @@ def triggered_id() -> Any:
         return dash.ctx.triggered_id
     except dash.exceptions.MissingCallbackContextException:
         return None
+
+
+def user_triggered() -> Any:
+    """The id of the ONE input a user changed, else None.
+
+    When a page's layout is inserted, Dash calls its callbacks with every input "triggered" at
+    once, even with ``prevent_initial_call=True``; a callback that writes the selection store must
+    then do nothing, or navigating to the page would overwrite the selection with the controls'
+    initial values. None as well outside a callback (tests call the logic functions directly).
+    """
+    try:
+        trig = dash.ctx.triggered
+    except dash.exceptions.MissingCallbackContextException:
+        return None
+    if len(trig) != 1:
+        return None
+    return dash.ctx.triggered_id
 
 #: plotly toolbar: always offers "Download plot as a PNG" (camera icon), at 2x resolution.
 GRAPH_CONFIG: dict[str, Any] = {

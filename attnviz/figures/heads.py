@@ -22,8 +22,8 @@ def fig_head_grid(values: np.ndarray, *, metric: str, selected: tuple[int, int] 
         units: appended to hover values.
 
     Returns:
-        A figure whose trace 0 is the ``go.Heatmap`` (z = ``values``, x = head index, y = layer
-        index, layer 0 at the top); trace 1, when ``selected`` is given, is the outline marker.
+        A figure with ONE trace, the ``go.Heatmap`` (z = ``values``, x = head index, y = layer
+        index, layer 0 at the top); the selected head is the rectangle ``layout.shapes[0]``.
         Clicking a cell gives ``clickData["points"][0]`` with ``x`` = head and ``y`` = layer.
     """
     v = np.asarray(values, dtype=np.float64)
@@ -40,11 +40,8 @@ def fig_head_grid(values: np.ndarray, *, metric: str, selected: tuple[int, int] 
     ))
     if selected is not None:
         layer, head = selected
-        fig.add_trace(go.Scatter(
-            x=[head], y=[layer], mode="markers", hoverinfo="skip", showlegend=False,
-            marker=dict(symbol="square-open", size=max(8, min(40, 360 // max(n_heads, n_layers))),
-                        color="#e4572e", line=dict(width=3)),
-        ))
+        fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                      line=dict(color="#e4572e", width=3), name="selected")
     fig.update_xaxes(title="head", tickmode="linear" if n_heads <= 24 else "auto", dtick=1 if n_heads <= 24 else None,
                      showgrid=False, zeroline=False, range=[-0.5, n_heads - 0.5])
     fig.update_yaxes(title="layer", autorange="reversed", tickmode="linear" if n_layers <= 32 else "auto",

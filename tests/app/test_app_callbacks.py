@@ -140,7 +140,7 @@ def test_head_grid_colours_and_click(app, rec_path):
         expect = compute_head_stats(rec, max_samples=8).confidence
     np.testing.assert_allclose(np.asarray(fig.data[0].z), expect)
     assert "estimated from the first 5 sample(s)" in note
-    assert (fig.data[1].x[0], fig.data[1].y[0]) == (2, 1)
+    assert (fig.layout.shapes[0].x0, fig.layout.shapes[0].y0) == (1.5, 0.5)  # head 2, layer 1
     assert apply_patch(sel(), explorer.grid.clicked({"points": [{"x": 1, "y": 0}]})) == sel(layer=0, head=1)
 
 

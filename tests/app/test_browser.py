@@ -81,7 +81,11 @@ def test_click_head_then_patch_updates_the_map(dash_duo, rec_path):
     dash_duo.find_element("a.av-nav-link[href='/']").click()
     dash_duo.wait_for_element("#overview-headgrid .heatmaplayer", timeout=15)
     outline = dash_duo.driver.execute_script(
-        f"const gd = {_GD.format(id='overview-headgrid')}; return [gd._fullData[1].x[0], gd._fullData[1].y[0]];")
-    assert outline == [2, 1]
+        f"const gd = {_GD.format(id='overview-headgrid')}; const s = gd.layout.shapes[0]; return [s.x0, s.y0];")
+    assert outline == [1.5, 0.5]  # head 2, layer 1
+
+    # back to the explorer: the selection (head and query) survived the page changes
+    dash_duo.find_element("a.av-nav-link[href='/explorer']").click()
+    _wait_title(dash_duo, "explorer-overlay", "L1 H2: query patch (2, 1)")
     logs = dash_duo.get_logs()
     assert logs == [], "\n".join(l["message"][:300] for l in logs)

@@ -10,7 +10,7 @@ import dash
 from dash import Input, Output, State, callback, dcc, html, no_update
 
 from attnviz.app import ids
-from attnviz.app.components import HeadGrid, graph, triggered_id
+from attnviz.app.components import HeadGrid, graph, user_triggered
 from attnviz.app.selection import patch, resolve
 from attnviz.app.views import (
     attribution_panels,
@@ -49,9 +49,9 @@ def layout(**_kwargs: Any) -> html.Div:
     return html.Div([
         html.Div([
             html.Label("layer", htmlFor=LAYER, className="av-label"),
-            html.Div(dcc.Slider(id=LAYER, min=0, max=1, step=1, value=0), className="av-slider"),
+            html.Div(dcc.Slider(id=LAYER, min=0, max=1, step=1, value=None), className="av-slider"),
             html.Label("head", htmlFor=HEAD, className="av-label"),
-            html.Div(dcc.Slider(id=HEAD, min=0, max=1, step=1, value=0), className="av-slider"),
+            html.Div(dcc.Slider(id=HEAD, min=0, max=1, step=1, value=None), className="av-slider"),
             html.Button("query: CLS", id=CLS_BUTTON, n_clicks=0, className="av-button"),
             dcc.Checklist(id=RAW_TOGGLE, options=[{"label": " raw token × token matrix", "value": "raw"}], value=[]),
         ], className="av-row av-card"),
@@ -93,6 +93,8 @@ def sliders_from_selection(data: Any):
 def selection_from_sliders(layer: int | None, head: int | None, data: Any):
     """Slider move -> selection (see :func:`slider_moved`). Only page-local inputs, so the callback
     never fires on other pages; it returns no update when the sliders just followed the selection."""
+    if user_triggered() is None:  # page insertion: the sliders show their initial values
+        return no_update
     return slider_moved(data, layer, head)
 
 
@@ -121,11 +123,13 @@ def slider_moved(data: Any, layer: int | None, head: int | None):
 
 @callback(Output(ids.SELECTION, "data", allow_duplicate=True), Input(OVERLAY, "clickData"), Input(CLS_BUTTON, "n_clicks"),
           Input(MULTIPLES, "clickData"), State(ids.SELECTION, "data"), prevent_initial_call=True)
-def pick(click: Any, _cls_clicks: int, multiples_click: Any, data: Any):
+def pick(click: Any, cls_clicks: int | None, multiples_click: Any, data: Any):
     """Click on a patch -> query; "query: CLS" -> query 0; click on a small multiple -> head."""
-    trigger = triggered_id()
+    trigger = user_triggered()
+    if trigger is None:
+        return no_update
     if trigger == CLS_BUTTON:
-        return cls_query(data)
+        return cls_query(data) if cls_clicks else no_update
     if trigger == MULTIPLES:
         return head_from_click(multiples_click, data)
     return query_from_click(click, data)
