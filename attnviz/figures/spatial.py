@@ -76,7 +76,8 @@ def fig_layer_trend(values: np.ndarray, *, metric: str, units: str = "", selecte
         x=x, y=v.ravel()[keep], mode="markers", customdata=custom.tolist(), name="heads",
         marker=dict(size=8, color=head.ravel()[keep], colorscale="Turbo", cmin=0, cmax=max(n_heads - 1, 1),
                     line=dict(width=0.5, color="#333"),
-                    colorbar=dict(title=dict(text="head", side="right"), thickness=10)),
+                    colorbar=dict(title=dict(text="head", side="right"), thickness=10,
+                                  dtick=1 if n_heads <= 16 else None)),
         hovertemplate=f"layer %{{customdata[0]}}, head %{{customdata[1]}}<br>{metric}: %{{y:.4g}}{suffix}<extra></extra>",
     ))
     with np.errstate(all="ignore"):
@@ -287,7 +288,8 @@ def fig_image_vs_mean(image_values: np.ndarray, mean_values: np.ndarray, *, metr
         x=m.ravel()[keep], y=a.ravel()[keep], mode="markers", name="heads",
         customdata=np.stack([layer.ravel(), head.ravel()], -1)[keep].tolist(),
         marker=dict(size=7, color=layer.ravel()[keep], colorscale="Viridis", cmin=0, cmax=max(n_layers - 1, 1),
-                    colorbar=dict(title=dict(text="layer", side="right"), thickness=10), line=dict(width=0.5, color="#333")),
+                    colorbar=dict(title=dict(text="layer", side="right"), thickness=10,
+                                  dtick=1 if n_layers <= 16 else None), line=dict(width=0.5, color="#333")),
         hovertemplate=(f"layer %{{customdata[0]}}, head %{{customdata[1]}}<br>mean over images: %{{x:.4g}}{suffix}"
                        f"<br>{image_label}: %{{y:.4g}}{suffix}<extra></extra>"),
     ))

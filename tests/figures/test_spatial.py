@@ -128,3 +128,28 @@ def test_figures_are_plotly_figures():
     for fig in (fig_distance_trend(np.ones((2, 2))), fig_query_distance_map(np.ones((2, 2))),
                 fig_shares(np.full((2, 4), 0.25), layer=0)):
         assert isinstance(fig, go.Figure)
+
+
+def test_report_views_read_the_cache_and_skip_without_it(tmp_path):
+    import attnviz
+    from attnviz.analysis.spatial import analyze_spatial, load_spatial
+    from attnviz.report import collect_figures
+    from tests.helpers import make_recording
+
+    views = ["spatial_trend", "spatial_layers", "spatial_image"]
+    path = make_recording(tmp_path / "r.h5", n_samples=4, n_layers=2, n_heads=3, grid=(2, 3))
+    with attnviz.open(path) as rec:
+        assert collect_figures(rec, samples=[0], views=views) == []  # nothing cached: skipped
+    analyze_spatial(path)
+    with attnviz.open(path) as rec:
+        prof = load_spatial(rec)
+        items = collect_figures(rec, samples=[1, 3], views=views)
+    stems = [it.stem for it in items]
+    assert stems == ["spatial_trend_distance", "spatial_trend_distance_patches", "spatial_trend_local_share",
+                     "spatial_layers_radial_layer0", "spatial_layers_shares_layer0",
+                     "spatial_layers_radial_layer1", "spatial_layers_shares_layer1",
+                     "spatial_image_s1", "spatial_image_s3"]
+    image3 = items[-1].figure.data[0]
+    for x, y, (layer, head) in zip(image3.x, image3.y, image3.customdata):
+        assert y == pytest.approx(prof.image_mean_distance[3, layer, head], rel=1e-6)
+        assert x == pytest.approx(prof.mean_distance[layer, head], rel=1e-6)
