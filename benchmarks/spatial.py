@@ -212,7 +212,8 @@ def main() -> None:
         r = runs[-1]
         print(f"{r['images']:>5} images: {r['seconds']:.1f} s ({r['read_seconds']:.1f} s reading + decompressing, "
               f"{r['compute_seconds']:.1f} s computing; {r['images'] / r['seconds']:.1f} img/s); "
-              f"tracemalloc peak {r['tracemalloc_peak_mb']:.0f} MB (one batch of maps = {r['batch_of_maps_mb']:.0f} MB), "
+              f"tracemalloc peak {r['tracemalloc_peak_mb']:.0f} MB "
+              f"(one batch of maps = {r['batch_of_maps_mb']:.0f} MB), "
               f"peak RSS {r['peak_rss_mb']:.0f} MB (after imports {r['rss_before_mb']:.0f} MB); "
               f"mean distance layer 0 {r['mean_distance_layer0_px']:.1f} px -> layer 11 "
               f"{r['mean_distance_layer11_px']:.1f} px")

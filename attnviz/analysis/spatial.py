@@ -421,7 +421,8 @@ class SpatialProfiles:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], kind: str, params: dict[str, Any] | None = None) -> SpatialProfiles:
+    def from_arrays(cls, arrays: dict[str, np.ndarray], kind: str,
+                    params: dict[str, Any] | None = None) -> SpatialProfiles:
         geom = PatchGeometry(grid=tuple(int(v) for v in arrays["grid"]),  # type: ignore[arg-type]
                              patch_size=tuple(int(v) for v in arrays["patch_size"]),  # type: ignore[arg-type]
                              n_prefix=int(arrays["n_prefix"]))
@@ -643,7 +644,8 @@ def _cache_name(kind: str) -> str:
     return f"{ANALYSIS_NAME}/{kind}"
 
 
-def load_spatial(rec: Recording, kind: str | None = None, *, params: dict[str, Any] | None = None) -> SpatialProfiles | None:
+def load_spatial(rec: Recording, kind: str | None = None, *,
+                 params: dict[str, Any] | None = None) -> SpatialProfiles | None:
     """The cached profiles of ``kind`` (``analyses/spatial/<kind>``), or None.
 
     Args:

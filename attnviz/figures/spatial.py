@@ -12,7 +12,7 @@ analysis; a recording without it is skipped).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -78,7 +78,8 @@ def fig_layer_trend(values: np.ndarray, *, metric: str, units: str = "", selecte
                     line=dict(width=0.5, color="#333"),
                     colorbar=dict(title=dict(text="head", side="right"), thickness=10,
                                   dtick=1 if n_heads <= 16 else None)),
-        hovertemplate=f"layer %{{customdata[0]}}, head %{{customdata[1]}}<br>{metric}: %{{y:.4g}}{suffix}<extra></extra>",
+        hovertemplate=(f"layer %{{customdata[0]}}, head %{{customdata[1]}}<br>{metric}: %{{y:.4g}}{suffix}"
+                       "<extra></extra>"),
     ))
     with np.errstate(all="ignore"):
         layer_mean = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in v])
@@ -96,7 +97,8 @@ def fig_layer_trend(values: np.ndarray, *, metric: str, units: str = "", selecte
     if reference is not None and np.isfinite(reference):
         fig.add_hline(y=reference, line=dict(color="#999", dash="dash", width=1),
                       annotation_text=reference_label, annotation_position="top left")
-    fig.update_xaxes(title="layer", tickmode="linear" if n_layers <= 32 else "auto", dtick=1 if n_layers <= 32 else None,
+    fig.update_xaxes(title="layer", tickmode="linear" if n_layers <= 32 else "auto",
+                     dtick=1 if n_layers <= 32 else None,
                      range=[-0.6, n_layers - 0.4], zeroline=False)
     fig.update_yaxes(title=metric + (f" ({units})" if units else ""), rangemode="tozero")
     base_layout(fig, title=title, height=height or 360, width=width)
@@ -121,7 +123,8 @@ def fig_local_share_trend(local_share: np.ndarray, *, selected: tuple[int, int] 
     ``local_share``: float ``[n_layers, n_heads]``."""
     fig = fig_layer_trend(local_share, metric="local share (3x3 neighbours)", selected=selected, title=title,
                           height=height, width=width)
-    fig.update_yaxes(range=[0, max(1e-6, float(np.nanmax(local_share)) if np.isfinite(local_share).any() else 1) * 1.08])
+    top = float(np.nanmax(local_share)) if np.isfinite(local_share).any() else 1.0
+    fig.update_yaxes(range=[0, max(1e-6, top) * 1.08])
     return fig
 
 
@@ -248,7 +251,8 @@ def fig_shares(shares: np.ndarray, *, layer: int, selected_head: int | None = No
     for i, name in enumerate(SHARE_NAMES):
         fig.add_trace(go.Bar(x=heads, y=s[:, i], name=_SHARE_LABELS[name], marker_color=SHARE_COLOURS[name],
                              customdata=custom.tolist(),
-                             hovertemplate=f"layer {layer}, head %{{x}}<br>{_SHARE_LABELS[name]}: %{{y:.3f}}<extra></extra>"))
+                             hovertemplate=(f"layer {layer}, head %{{x}}<br>{_SHARE_LABELS[name]}: %{{y:.3f}}"
+                                            "<extra></extra>")))
     ticks = [f"<b>{h}</b>" if h == selected_head else str(h) for h in heads]
     fig.update_xaxes(title="head", tickmode="array", tickvals=heads, ticktext=ticks)
     fig.update_yaxes(title="share of a patch query's attention", range=[0, 1.02])
