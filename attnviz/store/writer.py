@@ -83,7 +83,9 @@ class SampleBatch:
     Attributes:
         start: index of the first sample of the batch.
         attention: kind -> float array ``[batch, layer, head, query_pos, key_pos]`` (cast to float16).
-        lengths: kind -> int array ``[batch, 2]`` of valid (query_len, key_len); None = full size.
+        lengths: kind -> int array ``[batch, 2]`` of valid (query_len, key_len); a kind left out gets the
+            size of the maps given for every sample of the batch (maps may be smaller than the file's
+            maximum: they are padded with zeros).
         predictions: int ``[batch]``; logits: float ``[batch, n_classes]``.
         labels: int ``[batch]`` (-1 = unknown) or None to keep what the writer was created with.
         thumbnails: uint8 ``[batch, h, w, 3]`` or None; masks: uint8 ``[batch, h, w]`` or None.
@@ -387,6 +389,8 @@ class RecordingWriter:
             raise err
 
     def _check_batch(self, b: SampleBatch) -> None:
+        if b.lengths is None:  # tolerated: the same as no explicit lengths
+            b.lengths = {}
         n = b.size
         if n < 1 or b.start < 0 or b.start + n > self.n_samples:
             raise ValueError(f"batch of {n} samples at {b.start} does not fit samples 0..{self.n_samples - 1}")
