@@ -174,6 +174,9 @@ def write_report(file: str | os.PathLike, out: str | os.PathLike, *, fmt: str = 
     if isinstance(views, str):
         views = [v.strip() for v in views.split(",") if v.strip()]
     out = Path(out)
+    from attnviz.figures import use_house_template
+
+    use_house_template()
     with Recording(file) as rec:
         if rec.n_samples == 0:
             raise InputError(f"{file}: no samples written yet; nothing to report")

@@ -38,8 +38,11 @@ def create_app(files: Sequence[str | os.PathLike], *, title: str = "attnviz") ->
     Raises:
         InputError: no files, or a path that does not exist.
     """
+    from attnviz.figures import use_house_template
+
     registry = FileRegistry(files)
     set_active_registry(registry)
+    use_house_template()
     _reset_dash_globals()
     app = dash.Dash(
         "attnviz.app",

@@ -22,7 +22,7 @@ from attnviz.figures.explorer import (
     fig_token_matrix,
     token_labels,
 )
-from attnviz.figures.overview import CORRECT, UNKNOWN, WRONG, class_colour, fig_thumbnail_grid
+from attnviz.figures.overview import CORRECT, UNKNOWN, WRONG, class_colour, fig_thumbnail_mosaic, tile_mosaic
 from attnviz.store.reader import Recording
 from attnviz.store.schema import TokenLayout
 
@@ -91,11 +91,11 @@ def _query_name(layout: TokenLayout, query: int) -> str:
     return f"patch ({cell[0]}, {cell[1]})"
 
 
-def _prefix_note(row: np.ndarray, layout: TokenLayout) -> str:
+def _prefix_note(row: np.ndarray, layout: TokenLayout) -> str | None:
     if not layout.n_prefix:
-        return ""
+        return None
     share = float(row[: layout.n_prefix].sum())
-    return f"; {share:.0%} on {'+'.join(layout.prefix_names) or 'prefix'}"
+    return f"{share:.1%} of the attention goes to {'+'.join(n.upper() for n in layout.prefix_names) or 'prefix tokens'}"
 
 
 def query_overlay(rec: Recording, sample: int, layer: int, head: int, query: int | None, kind: str | None = None) -> go.Figure:
@@ -104,9 +104,9 @@ def query_overlay(rec: Recording, sample: int, layer: int, head: int, query: int
     layout = rec.layout(kind)
     q = default_query(layout) if query is None else query
     row = rec.attention_query(sample, layer, q, kind=kind, head=head)
-    title = f"L{layer} H{head}: query {_query_name(layout, q)}{_prefix_note(row, layout)}"
+    title = f"L{layer} H{head}: query {_query_name(layout, q)}"
     return fig_query_overlay(_thumb(rec, sample), _patch_heat(row, layout), patch_size=layout.patch_size,
-                             query_cell=query_cell(layout, q), title=title)
+                             query_cell=query_cell(layout, q), title=title, subtitle=_prefix_note(row, layout))
 
 
 def head_multiples(rec: Recording, sample: int, layer: int, head: int, query: int | None,
@@ -129,7 +129,7 @@ def cls_overlay(rec: Recording, sample: int, layer: int, head: int, kind: str | 
     row = rec.attention_query(sample, layer, 0, kind=kind, head=head)
     name = layout.prefix_names[0] if layout.prefix_names else "CLS"
     return fig_query_overlay(_thumb(rec, sample), _patch_heat(row, layout), patch_size=layout.patch_size,
-                             title=f"{name.upper()} attention, L{layer} H{head}{_prefix_note(row, layout)}",
+                             title=f"{name.upper()} attention, L{layer} H{head}", subtitle=_prefix_note(row, layout),
                              colorbar_title=name, height=380)
 
 
@@ -246,24 +246,51 @@ def _colours(rec: Recording, idx: np.ndarray, colour_by: str) -> tuple[list[str]
 
 def thumbnail_page(rec: Recording, *, colour_by: str = "correctness", classes: Sequence[int] | None = None,
                    correctness: str = "all", page: int = 0, per_page: int = 160, cols: int = 16,
-                   selected: int | None = None) -> ThumbPage:
-    """One page of the thumbnail grid (only that page's thumbnails are read)."""
+                   selected: int | None = None, tile: int = 48) -> ThumbPage:
+    """One page of the thumbnail grid (only that page's thumbnails are read).
+
+    The page's mosaic is cached per recording (a few pages), so selecting another sample only
+    redraws the figure around the cached image.
+    """
+    key = (colour_by, tuple(sorted(classes)) if classes else None, correctness, page, per_page, cols, tile)
+    base = lru(rec, "thumb_page", key, lambda: _thumbnail_page(rec, colour_by, classes, correctness, page, per_page,
+                                                                cols, tile), maxsize=8)
+    if base.mosaic is None:
+        return ThumbPage(fig_message("No sample matches the filters."), 0, 1, 0)
+    fig = fig_thumbnail_mosaic(base.mosaic, base.samples, cols=base.cols, tile=tile, hover=base.hover,
+                               selected=selected, legend=base.legend)
+    return ThumbPage(fig, base.n_matching, base.n_pages, base.page)
+
+
+@dataclass(frozen=True)
+class _BasePage:
+    mosaic: np.ndarray | None
+    samples: list[int]
+    hover: list[str]
+    legend: list[tuple[str, str]]
+    cols: int
+    n_matching: int
+    n_pages: int
+    page: int
+
+
+def _thumbnail_page(rec: Recording, colour_by: str, classes: Sequence[int] | None, correctness: str, page: int,
+                    per_page: int, cols: int, tile: int) -> _BasePage:
     idx = filter_samples(rec, classes, correctness)
     n_pages = max(1, math.ceil(len(idx) / per_page))
     page = min(max(page, 0), n_pages - 1)
-    shown = idx[page * per_page : (page + 1) * per_page]
-    if not len(shown):
-        return ThumbPage(fig_message("No sample matches the filters."), 0, 1, 0)
-    thumbs = np.stack([_thumb(rec, int(s)) for s in shown])
-    colours, legend = _colours(rec, shown, colour_by)
-    names = rec.class_names
-    ids = rec.sample_ids
+    shown = [int(s) for s in idx[page * per_page : (page + 1) * per_page]]
+    if not shown:
+        return _BasePage(None, [], [], [], cols, 0, 1, 0)
+    thumbs = np.stack([rec.thumbnail(s) for s in shown])
+    colours, legend = _colours(rec, np.asarray(shown), colour_by)
+    names, ids = rec.class_names, rec.sample_ids
 
     def cname(c: int) -> str:
         return names[c] if 0 <= c < len(names) else "—"
 
     hover = [f"#{s} {ids[s]}<br>label: {cname(int(rec.labels[s]))}<br>prediction: {cname(int(rec.predictions[s]))}"
              for s in shown]
-    fig = fig_thumbnail_grid(thumbs, [int(s) for s in shown], colours, hover=hover, cols=cols, selected=selected,
-                             legend=legend)
-    return ThumbPage(fig, int(len(idx)), n_pages, page)
+    cols = max(1, min(cols, len(shown)))
+    mosaic = tile_mosaic(thumbs, colours, cols=cols, tile=tile)
+    return _BasePage(mosaic, shown, hover, legend, cols, int(len(idx)), n_pages, page)

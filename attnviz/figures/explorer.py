@@ -8,9 +8,8 @@ from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
-from attnviz.figures import DIVERGING_SCALE, HEAT_SCALE, base_layout, image_data_uri
+from attnviz.figures import DIVERGING_SCALE, HEAT_SCALE, image_data_uri, make_figure
 
 __all__ = [
     "fig_query_overlay",
@@ -20,15 +19,16 @@ __all__ = [
     "token_labels",
     "cell_of_point",
     "block_mean",
+    "mask_outline_path",
 ]
 
 
-def _image_trace(image: np.ndarray, image_size: tuple[int, int], **kw) -> go.Image:
+def _image_trace(image: np.ndarray, image_size: tuple[int, int], **kw) -> dict:
     ih, iw = image.shape[:2]
     h, w = image_size
     dx, dy = w / iw, h / ih
     # x0/y0 are the centre of the first pixel: pixel edges then fall on 0 .. w, 0 .. h
-    return go.Image(source=image_data_uri(image), x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip", **kw)
+    return dict(type="image", source=image_data_uri(image), x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip", **kw)
 
 
 def _grid_lines(grid: tuple[int, int], patch: tuple[int, int]) -> str:
@@ -48,7 +48,7 @@ def cell_of_point(x: float, y: float, grid: tuple[int, int], patch: tuple[int, i
 
 
 def fig_query_overlay(image: np.ndarray, heat: np.ndarray, *, patch_size: tuple[int, int],
-                      query_cell: tuple[int, int] | None = None, title: str | None = None,
+                      query_cell: tuple[int, int] | None = None, title: str | None = None, subtitle: str | None = None,
                       zmax: float | None = None, opacity: float = 0.6, colorscale: str = HEAT_SCALE,
                       show_grid: bool = True, colorbar_title: str = "attention", height: int = 460) -> go.Figure:
     """The input image with a patch-grid heat map on top (attention of one query, CLS, ...).
@@ -68,25 +68,26 @@ def fig_query_overlay(image: np.ndarray, heat: np.ndarray, *, patch_size: tuple[
     gh, gw = heat.shape
     ph, pw = patch_size
     size = (gh * ph, gw * pw)
-    fig = go.Figure(_image_trace(image, size))
-    fig.add_trace(go.Heatmap(
-        z=heat, x=(np.arange(gw) + 0.5) * pw, y=(np.arange(gh) + 0.5) * ph, opacity=opacity,
+    shapes = []
+    if show_grid and gh * gw <= 64 * 64:
+        shapes.append(dict(type="path", path=_grid_lines((gh, gw), (ph, pw)),
+                           line=dict(color="rgba(255,255,255,0.45)", width=1)))
+    if query_cell is not None:
+        r, c = query_cell
+        shapes.append(dict(type="rect", x0=c * pw, x1=(c + 1) * pw, y0=r * ph, y1=(r + 1) * ph,
+                           line=dict(color="#ff2d55", width=3)))
+    hm = dict(
+        type="heatmap", z=heat, x=(np.arange(gw) + 0.5) * pw, y=(np.arange(gh) + 0.5) * ph, opacity=opacity,
         colorscale=colorscale, zmin=0.0, zmax=float(zmax if zmax is not None else max(heat.max(), 1e-12)),
         colorbar=dict(title=dict(text=colorbar_title, side="right"), thickness=12),
         customdata=np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij"), axis=-1),
         hovertemplate="patch row %{customdata[0]}, col %{customdata[1]}<br>%{z:.4f}<extra></extra>",
-    ))
-    if show_grid and gh * gw <= 64 * 64:
-        fig.add_shape(type="path", path=_grid_lines((gh, gw), (ph, pw)), line=dict(color="rgba(255,255,255,0.45)", width=1))
-    if query_cell is not None:
-        r, c = query_cell
-        fig.add_shape(type="rect", x0=c * pw, x1=(c + 1) * pw, y0=r * ph, y1=(r + 1) * ph,
-                      line=dict(color="#ff2d55", width=3))
-    fig.update_xaxes(visible=False, range=[0, size[1]], constrain="domain")
-    fig.update_yaxes(visible=False, range=[size[0], 0], scaleanchor="x", constrain="domain")
-    base_layout(fig, title=title, height=height)
-    fig.update_layout(margin=dict(l=10, r=10, b=10), dragmode=False, clickmode="event", hovermode="closest")
-    return fig
+    )
+    return make_figure([_image_trace(image, size), hm], dict(
+        shapes=shapes, xaxis=dict(visible=False, range=[0, size[1]], constrain="domain"),
+        yaxis=dict(visible=False, range=[size[0], 0], scaleanchor="x", constrain="domain"),
+        dragmode=False, clickmode="event", hovermode="closest"),
+        title=title, subtitle=subtitle, height=height, margin=dict(l=10, r=10, b=10, t=70 if subtitle else 50))
 
 
 def fig_head_multiples(maps: np.ndarray, *, selected_head: int | None = None, cols: int | None = None,
@@ -103,7 +104,7 @@ def fig_head_multiples(maps: np.ndarray, *, selected_head: int | None = None, co
     Returns:
         trace 0: ``go.Heatmap`` of a mosaic: head ``h`` at tile (h // cols, h % cols), tiles
         separated by one NaN row/column; ``customdata`` gives the head of each cell (-1 in gaps).
-        Annotations name the heads. One shared colour scale (0 .. max).
+        trace 1: the head labels (a text scatter). One shared colour scale (0 .. max).
     """
     maps = np.asarray(maps, dtype=np.float64)
     n_heads, gh, gw = maps.shape
@@ -116,79 +117,119 @@ def fig_head_multiples(maps: np.ndarray, *, selected_head: int | None = None, co
         y, x = r * (gh + 1), c * (gw + 1)
         big[y : y + gh, x : x + gw] = maps[h]
         owner[y : y + gh, x : x + gw] = h
-    fig = go.Figure(go.Heatmap(
-        z=big, customdata=owner, colorscale=colorscale, zmin=0.0, zmax=float(np.nanmax(maps)) if maps.size else 1.0,
+    heads = np.arange(n_heads)
+    tile_r, tile_c = np.divmod(heads, cols)
+    labels = dict(
+        type="scatter", x=tile_c * (gw + 1) + (gw - 1) / 2, y=tile_r * (gh + 1) - 0.9, mode="text", text=[f"head {h}" for h in heads],
+        textfont=dict(size=11, color=["#e4572e" if h == selected_head else "#333" for h in heads]),
+        hoverinfo="skip", showlegend=False, cliponaxis=False,
+    )
+    shapes = []
+    if query_cell is not None:
+        qr, qc = query_cell
+        path = " ".join(f"M{c * (gw + 1) + qc - 0.5},{r * (gh + 1) + qr - 0.5} h1 v1 h-1 Z" for r, c in zip(tile_r, tile_c))
+        shapes.append(dict(type="path", path=path, line=dict(color="#ff2d55", width=1.5)))
+    if selected_head is not None and 0 <= selected_head < n_heads:
+        r, c = divmod(selected_head, cols)
+        shapes.append(dict(type="rect", x0=c * (gw + 1) - 0.5, x1=c * (gw + 1) + gw - 0.5, y0=r * (gh + 1) - 0.5,
+                           y1=r * (gh + 1) + gh - 0.5, line=dict(color="#e4572e", width=3)))
+    hm = dict(
+        type="heatmap", z=big, customdata=owner, colorscale=colorscale, zmin=0.0, zmax=float(np.nanmax(maps)) if maps.size else 1.0,
         colorbar=dict(title=dict(text="attention", side="right"), thickness=12),
         hovertemplate="head %{customdata}<br>%{z:.4f}<extra></extra>", hoverongaps=False,
-    ))
-    for h in range(n_heads):
-        r, c = divmod(h, cols)
-        fig.add_annotation(x=c * (gw + 1) + (gw - 1) / 2, y=r * (gh + 1) - 0.5, text=f"head {h}", showarrow=False,
-                           yshift=8, font=dict(size=11, color="#e4572e" if h == selected_head else "#333"))
-        if h == selected_head:
-            fig.add_shape(type="rect", x0=c * (gw + 1) - 0.5, x1=c * (gw + 1) + gw - 0.5, y0=r * (gh + 1) - 0.5,
-                          y1=r * (gh + 1) + gh - 0.5, line=dict(color="#e4572e", width=3))
-        if query_cell is not None:
-            qr, qc = query_cell
-            fig.add_shape(type="rect", x0=c * (gw + 1) + qc - 0.5, x1=c * (gw + 1) + qc + 0.5,
-                          y0=r * (gh + 1) + qr - 0.5, y1=r * (gh + 1) + qr + 0.5, line=dict(color="#ff2d55", width=1.5))
-    fig.update_xaxes(visible=False, constrain="domain")
-    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
-    base_layout(fig, title=title, height=height or min(700, 140 + rows * 170))
-    fig.update_layout(margin=dict(l=10, r=10, b=10, t=60 if title else 30), dragmode=False, clickmode="event",
-                      plot_bgcolor="white")
-    return fig
+    )
+    return make_figure([hm, labels], dict(
+        shapes=shapes, xaxis=dict(visible=False, constrain="domain"),
+        yaxis=dict(visible=False, autorange="reversed", scaleanchor="x", constrain="domain"),
+        dragmode=False, clickmode="event"),
+        title=title, height=height or min(700, 140 + rows * 170), margin=dict(l=10, r=10, b=10, t=70 if title else 30))
+
+
+def mask_outline_path(mask: np.ndarray, image_size: tuple[int, int], max_side: int = 128) -> str:
+    """An SVG path of the boundary between object and background of ``mask`` (nonzero = object),
+    scaled onto ``image_size`` (height, width) pixels; masks larger than ``max_side`` are
+    subsampled first. Horizontal and vertical runs, so the path stays short."""
+    m = np.asarray(mask) > 0
+    step = max(1, math.ceil(max(m.shape) / max_side))
+    m = m[::step, ::step]
+    mh, mw = m.shape
+    sy, sx = image_size[0] / mh, image_size[1] / mw
+    pad = np.pad(m, 1)
+    parts: list[str] = []
+    horiz = pad[1:, 1:-1] != pad[:-1, 1:-1]   # [mh+1, mw]: edge above row r
+    for r in np.flatnonzero(horiz.any(1)):
+        for a, b in _runs(horiz[r]):
+            parts.append(f"M{a * sx:.2f},{r * sy:.2f}H{b * sx:.2f}")
+    vert = pad[1:-1, 1:] != pad[1:-1, :-1]    # [mh, mw+1]: edge left of column c
+    for c in np.flatnonzero(vert.any(0)):
+        for a, b in _runs(vert[:, c]):
+            parts.append(f"M{c * sx:.2f},{a * sy:.2f}V{b * sy:.2f}")
+    return "".join(parts)
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of the runs of True in a 1-D boolean array."""
+    d = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)))
 
 
 def fig_attribution_panels(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray]], *,
                            image_size: tuple[int, int], mask: np.ndarray | None = None,
-                           title: str | None = None, opacity: float = 0.65, height: int = 330) -> go.Figure:
+                           title: str | None = None, opacity: float = 0.65, height: int = 330,
+                           max_side: int = 112) -> go.Figure:
     """The image (with the object mask outlined) beside overlays of rollout and attributions.
 
     Args:
         image: uint8 ``[h, w, 3]``.
         panels: (name, map) with map float ``[rows, cols]`` at pixel or patch resolution; each is
-            shown normalised to its own max |value| (signed maps on a diverging scale).
+            shown normalised to its own max |value| (signed maps on a diverging scale); maps
+            larger than ``max_side`` are block-averaged for display.
         image_size: (height, width) of the model input in pixels.
         mask: ``[mh, mw]`` object mask (nonzero = object) or None; outlined on every panel.
 
     Returns:
-        One figure, ``1 + len(panels)`` subplots; per panel the heat trace's ``z`` is the map
-        divided by its max |value|.
+        One figure, ``1 + len(panels)`` side-by-side panels (axes x, x2, ...); per panel an image
+        trace and (for each map) a heat trace whose ``z`` is the map divided by its max |value|.
+        The mask outline is one path shape per panel.
     """
     h, w = image_size
     n = 1 + len(panels)
     names = ["input" + (" + object mask" if mask is not None else "")] + [name for name, _ in panels]
-    fig = make_subplots(rows=1, cols=n, subplot_titles=names, horizontal_spacing=0.02)
-    for col in range(1, n + 1):
-        fig.add_trace(_image_trace(image, image_size), row=1, col=col)
-    for i, (name, arr) in enumerate(panels, start=2):
+    gap = 0.02
+    width = (1 - gap * (n - 1)) / n
+    layout: dict = dict(dragmode=False, showlegend=False, annotations=[], shapes=[])
+    data: list = []
+    outline = mask_outline_path(mask, image_size) if mask is not None else ""
+    for i in range(n):
+        sfx = "" if i == 0 else str(i + 1)
+        x0 = i * (width + gap)
+        layout[f"xaxis{sfx}"] = dict(domain=[x0, x0 + width], visible=False, range=[0, w], constrain="domain",
+                                     anchor=f"y{sfx}")
+        layout[f"yaxis{sfx}"] = dict(visible=False, range=[h, 0], scaleanchor=f"x{sfx}", constrain="domain",
+                                     anchor=f"x{sfx}")
+        layout["annotations"].append(dict(text=names[i], x=x0 + width / 2, y=1.0, xref="paper", yref="paper",
+                                          yanchor="bottom", showarrow=False, font=dict(size=13)))
+        data.append(_image_trace(image, image_size, xaxis=f"x{sfx}", yaxis=f"y{sfx}"))
+        if outline:
+            layout["shapes"].append(dict(type="path", path=outline, xref=f"x{sfx}", yref=f"y{sfx}",
+                                         line=dict(color="#ff2d55", width=2), name="object mask"))
+        if i == 0:
+            continue
+        name, arr = panels[i - 1]
         a = np.asarray(arr, dtype=np.float64)
+        if max(a.shape) > max_side:
+            a, _ = block_mean(a, max_side)
         scale = float(np.nanmax(np.abs(a))) if a.size else 0.0
         z = a / scale if scale > 0 else a
         signed = bool((a < 0).any())
         rr, cc = a.shape
-        fig.add_trace(go.Heatmap(
-            z=z, x=(np.arange(cc) + 0.5) * (w / cc), y=(np.arange(rr) + 0.5) * (h / rr), opacity=opacity,
+        data.append(dict(
+            type="heatmap", z=z, x=(np.arange(cc) + 0.5) * (w / cc), y=(np.arange(rr) + 0.5) * (h / rr), opacity=opacity,
             colorscale=DIVERGING_SCALE if signed else HEAT_SCALE, zmin=-1.0 if signed else 0.0, zmax=1.0,
             showscale=False, name=name, hovertemplate=f"{name}: %{{z:.3f}} (of max)<extra></extra>",
-        ), row=1, col=i)
-    if mask is not None:
-        m = np.asarray(mask) > 0
-        mh, mw = m.shape
-        for col in range(1, n + 1):
-            fig.add_trace(go.Contour(
-                z=m.astype(float), x=(np.arange(mw) + 0.5) * (w / mw), y=(np.arange(mh) + 0.5) * (h / mh),
-                contours=dict(start=0.5, end=0.5, size=1, coloring="none"), line=dict(color="#ff2d55", width=2),
-                showscale=False, hoverinfo="skip", name="object mask", showlegend=False,
-            ), row=1, col=col)
-    fig.update_xaxes(visible=False, range=[0, w], constrain="domain")
-    for col in range(1, n + 1):
-        fig.update_yaxes(visible=False, range=[h, 0], scaleanchor=f"x{'' if col == 1 else col}", constrain="domain",
-                         row=1, col=col)
-    base_layout(fig, title=title, height=height)
-    fig.update_layout(margin=dict(l=10, r=10, b=10, t=70 if title else 40), dragmode=False)
-    return fig
+            xaxis=f"x{sfx}", yaxis=f"y{sfx}",
+        ))
+    return make_figure(data, layout, title=title, height=height, margin=dict(l=10, r=10, b=10, t=70 if title else 40))
 
 
 def token_labels(n_tokens: int, n_prefix: int, prefix_names: Sequence[str], grid: tuple[int, int] | None) -> list[str]:
@@ -231,13 +272,15 @@ def fig_token_matrix(matrix: np.ndarray, *, labels: Sequence[str] | None = None,
     """
     m = np.asarray(matrix, dtype=np.float64)
     z, block = block_mean(m, max_side)
-    kw: dict = {}
-    if block == 1 and labels is not None:
-        kw = dict(x=list(labels[: m.shape[1]]), y=list(labels[: m.shape[0]]))
-    fig = go.Figure(go.Heatmap(z=z, colorscale=HEAT_SCALE, zmin=0.0,
-                               colorbar=dict(title=dict(text="attention", side="right"), thickness=12),
-                               hovertemplate="query %{y}<br>key %{x}<br>%{z:.4f}<extra></extra>", **kw))
-    fig.update_xaxes(title="key" + (f" (blocks of {block})" if block > 1 else ""), showgrid=False, type="category" if kw else None)
-    fig.update_yaxes(title="query" + (f" (blocks of {block})" if block > 1 else ""), autorange="reversed", showgrid=False,
-                     type="category" if kw else None)
-    return base_layout(fig, title=title, height=height)
+    heat = dict(type="heatmap", z=z, colorscale=HEAT_SCALE, zmin=0.0,
+                colorbar=dict(title=dict(text="attention", side="right"), thickness=12),
+                hovertemplate="query %{y}<br>key %{x}<br>%{z:.4f}<extra></extra>")
+    labelled = block == 1 and labels is not None
+    if labelled:
+        heat.update(x=list(labels[: m.shape[1]]), y=list(labels[: m.shape[0]]))
+    blocks = f" (blocks of {block})" if block > 1 else ""
+    xaxis = dict(title=dict(text="key" + blocks), showgrid=False)
+    yaxis = dict(title=dict(text="query" + blocks), autorange="reversed", showgrid=False)
+    if labelled:
+        xaxis["type"] = yaxis["type"] = "category"
+    return make_figure([heat], dict(xaxis=xaxis, yaxis=yaxis), title=title, height=height)

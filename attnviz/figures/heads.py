@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from attnviz.figures import HEAT_SCALE, base_layout
+from attnviz.figures import HEAT_SCALE, make_figure
 
 __all__ = ["fig_head_grid"]
 
@@ -32,20 +32,22 @@ def fig_head_grid(values: np.ndarray, *, metric: str, selected: tuple[int, int] 
     n_layers, n_heads = v.shape
     z = np.where(np.isfinite(v), v, np.nan)
     suffix = f" {units}" if units else ""
-    fig = go.Figure(go.Heatmap(
-        z=z, x=np.arange(n_heads), y=np.arange(n_layers), colorscale=colorscale,
+    heat = dict(
+        type="heatmap", z=z, x=np.arange(n_heads), y=np.arange(n_layers), colorscale=colorscale,
         colorbar=dict(title=dict(text=metric, side="right"), thickness=12),
         hovertemplate=f"layer %{{y}}, head %{{x}}<br>{metric}: %{{z:.4g}}{suffix}<extra></extra>",
         xgap=1, ygap=1,
-    ))
+    )
+    shapes = []
     if selected is not None:
         layer, head = selected
-        fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
-                      line=dict(color="#e4572e", width=3), name="selected")
-    fig.update_xaxes(title="head", tickmode="linear" if n_heads <= 24 else "auto", dtick=1 if n_heads <= 24 else None,
-                     showgrid=False, zeroline=False, range=[-0.5, n_heads - 0.5])
-    fig.update_yaxes(title="layer", autorange="reversed", tickmode="linear" if n_layers <= 32 else "auto",
-                     dtick=1 if n_layers <= 32 else None, showgrid=False, zeroline=False)
-    base_layout(fig, title=title, height=height or max(220, 60 + 22 * n_layers), width=width)
-    fig.update_layout(clickmode="event")
-    return fig
+        shapes.append(dict(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                           line=dict(color="#e4572e", width=3), name="selected"))
+    xaxis = dict(title=dict(text="head"), showgrid=False, zeroline=False, range=[-0.5, n_heads - 0.5])
+    yaxis = dict(title=dict(text="layer"), autorange="reversed", showgrid=False, zeroline=False)
+    if n_heads <= 24:
+        xaxis.update(tickmode="linear", dtick=1)
+    if n_layers <= 32:
+        yaxis.update(tickmode="linear", dtick=1)
+    return make_figure([heat], dict(shapes=shapes, xaxis=xaxis, yaxis=yaxis, clickmode="event"),
+                       title=title, height=height or max(220, 60 + 22 * n_layers), width=width)

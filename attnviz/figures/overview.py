@@ -9,9 +9,9 @@ from typing import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from attnviz.figures import QUALITATIVE, base_layout, image_data_uri
+from attnviz.figures import QUALITATIVE, image_data_uri, make_figure
 
-__all__ = ["fig_thumbnail_grid", "tile_mosaic", "fig_model_card", "class_colour", "CORRECT", "WRONG", "UNKNOWN",
+__all__ = ["fig_thumbnail_grid", "fig_thumbnail_mosaic", "tile_mosaic", "fig_model_card", "class_colour", "CORRECT", "WRONG", "UNKNOWN",
            "hex_rgb"]
 
 CORRECT = "#2f9e44"
@@ -76,45 +76,55 @@ def fig_thumbnail_grid(thumbs: np.ndarray, samples: Sequence[int], colours: Sequ
         trace 1: ``go.Scatter`` with one point per tile at its centre, ``customdata`` = sample index
         (clicks give ``points[0]["customdata"]``); further traces: legend entries.
     """
-    n = len(samples)
-    cols = max(1, min(cols, n)) if n else cols
+    cols = max(1, min(cols, len(samples))) if len(samples) else cols
     mosaic = tile_mosaic(thumbs, colours, cols=cols, tile=tile, border=border)
+    return fig_thumbnail_mosaic(mosaic, samples, cols=cols, tile=tile, hover=hover, selected=selected,
+                                legend=legend, title=title)
+
+
+def fig_thumbnail_mosaic(mosaic: np.ndarray, samples: Sequence[int], *, cols: int, tile: int,
+                         hover: Sequence[str] | None = None, selected: int | None = None,
+                         legend: Sequence[tuple[str, str]] = (), title: str | None = None) -> go.Figure:
+    """:func:`fig_thumbnail_grid` from a ready :func:`tile_mosaic` (uint8 ``[rows*tile, cols*tile, 3]``),
+    so a cached mosaic can be redrawn with another selection cheaply."""
+    n = len(samples)
     rows = mosaic.shape[0] // tile
     idx = np.arange(n)
     xs = (idx % cols) * tile + tile / 2
     ys = (idx // cols) * tile + tile / 2
-    fig = go.Figure(go.Image(source=image_data_uri(mosaic), x0=0.5, y0=0.5, dx=1, dy=1, hoverinfo="skip"))
-    fig.add_trace(go.Scatter(
-        x=xs, y=ys, mode="markers", customdata=np.asarray(samples, dtype=int),
-        marker=dict(size=tile * 0.8, symbol="square", color="rgba(0,0,0,0)"),
-        hovertext=list(hover) if hover is not None else [f"sample {s}" for s in samples],
-        hoverinfo="text", showlegend=False, name="samples",
-    ))
+    data = [
+        dict(type="image", source=image_data_uri(mosaic), x0=0.5, y0=0.5, dx=1, dy=1, hoverinfo="skip"),
+        dict(type="scatter", x=xs, y=ys, mode="markers", customdata=np.asarray(samples, dtype=int),
+                   marker=dict(size=tile * 0.8, symbol="square", color="rgba(0,0,0,0)"),
+                   hovertext=list(hover) if hover is not None else [f"sample {s}" for s in samples],
+                   hoverinfo="text", showlegend=False, name="samples"),
+    ]
     for name, colour in legend:
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
-                                 marker=dict(size=11, symbol="square", color=colour)))
+        data.append(dict(type="scatter", x=[None], y=[None], mode="markers", name=name,
+                               marker=dict(size=11, symbol="square", color=colour)))
+    shapes = []
     if selected is not None and selected in list(samples):
-        i = list(samples).index(selected)
-        r, c = divmod(i, cols)
-        fig.add_shape(type="rect", x0=c * tile - 1, x1=(c + 1) * tile + 1, y0=r * tile - 1, y1=(r + 1) * tile + 1,
-                      line=dict(color="#111", width=3))
+        r, c = divmod(list(samples).index(selected), cols)
+        shapes.append(dict(type="rect", x0=c * tile - 1, x1=(c + 1) * tile + 1, y0=r * tile - 1, y1=(r + 1) * tile + 1,
+                           line=dict(color="#111", width=3)))
     width_px = cols * tile
-    fig.update_xaxes(visible=False, range=[-2, width_px + 2], constrain="domain")
-    fig.update_yaxes(visible=False, range=[rows * tile + 2, -2], scaleanchor="x", constrain="domain")
-    base_layout(fig, title=title, height=min(900, max(160, rows * tile + (80 if title else 50))))
-    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(l=10, r=10, b=10),
-                      hovermode="closest", dragmode=False, clickmode="event")
-    return fig
+    return make_figure(data, dict(
+        shapes=shapes, xaxis=dict(visible=False, range=[-2, width_px + 2], constrain="domain"),
+        yaxis=dict(visible=False, range=[rows * tile + 2, -2], scaleanchor="x", constrain="domain"),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), hovermode="closest", dragmode=False,
+        clickmode="event"),
+        title=title, height=min(900, max(160, rows * tile + (80 if title else 50))),
+        margin=dict(l=10, r=10, b=10, t=50 if title else 20))
 
 
 def fig_model_card(items: Sequence[tuple[str, str]], *, title: str | None = "Model") -> go.Figure:
     """The model card as a two-column table (key, value) for the static report."""
     keys = [k for k, _ in items]
     vals = [v for _, v in items]
-    fig = go.Figure(go.Table(
-        header=dict(values=["", ""], height=4, fill_color="white", line_color="white"),
-        cells=dict(values=[keys, vals], align="left", height=26, fill_color=[["#f1f3f5"] * len(keys), ["white"] * len(keys)],
-                   font=dict(size=13)),
+    table = dict(
+        type="table", header=dict(values=["", ""], height=4, fill=dict(color="white"), line=dict(color="white")),
+        cells=dict(values=[keys, vals], align="left", height=26,
+                   fill=dict(color=[["#f1f3f5"] * len(keys), ["white"] * len(keys)]), font=dict(size=13)),
         columnwidth=[1, 3],
-    ))
-    return base_layout(fig, title=title, height=80 + 28 * len(items))
+    )
+    return make_figure([table], {}, title=title, height=80 + 28 * len(items))

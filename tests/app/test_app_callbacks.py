@@ -165,6 +165,9 @@ def test_overview_filters_and_sample_click(app, rec_path):
 
     fig, count, n_pages = overview.thumbs(sel(), "label", None, "all", 1)
     assert list(fig.data[1].customdata) == [0, 1, 2, 3, 4] and n_pages == 1
+    fig3, _, _ = overview.thumbs(sel(sample=3), "label", None, "all", 1)  # cached page, new outline
+    assert fig.layout.shapes[0].x0 == -1 and fig3.layout.shapes[0].x0 == 3 * 48 - 1
+    assert len(overview.thumbs(sel(), "label", None, "all", 1)[0].layout.shapes) == 1  # the cache stays clean
     fig, count, _ = overview.thumbs(sel(), "correctness", None, "incorrect", 1)
     assert list(fig.data[1].customdata) == [1]  # make_recording: sample 1 is the one error
     fig, _, _ = overview.thumbs(sel(), "label", [0], "all", 1)

@@ -9,6 +9,7 @@ from attnviz.figures.explorer import (
     fig_head_multiples,
     fig_query_overlay,
     fig_token_matrix,
+    mask_outline_path,
     token_labels,
 )
 
@@ -48,7 +49,8 @@ def test_head_multiples_tiles_each_head_with_its_map():
         assert (owner[r * 3 : r * 3 + 2, c * 4 : c * 4 + 3] == h).all()
     assert np.isnan(z[2]).all() and (owner[2] == -1).all()       # gap row
     assert np.isnan(z[3:, 8:]).all()                              # 6th slot empty
-    assert [a.text for a in fig.layout.annotations] == [f"head {h}" for h in range(5)]
+    assert list(fig.data[1].text) == [f"head {h}" for h in range(5)]
+    np.testing.assert_allclose(fig.data[1].x, [1, 5, 9, 1, 5])  # tile centres
     assert fig.data[0].zmax == maps.max()
 
 
@@ -63,9 +65,17 @@ def test_attribution_panels_scale_each_map_and_outline_the_mask():
     np.testing.assert_allclose(heat[1].z, sal / 2.0)
     assert heat[0].zmin == 0 and heat[1].zmin == -1          # signed map on a diverging scale
     assert heat[1].xaxis == "x3"
-    contours = [t for t in fig.data if t.type == "contour"]
-    assert len(contours) == 3                                # the mask on every panel
+    outlines = [s for s in fig.layout.shapes if s.name == "object mask"]
+    assert [s.xref for s in outlines] == ["x", "x2", "x3"]   # the mask on every panel
     assert [a.text for a in fig.layout.annotations] == ["input + object mask", "rollout", "saliency"]
+
+
+def test_mask_outline_traces_the_object_boundary():
+    mask = np.zeros((6, 8), np.uint8)
+    mask[1:3, 2:5] = 1  # rows 1-2, cols 2-4
+    path = mask_outline_path(mask, (12, 16))  # 2x scale
+    assert sorted(path.replace("M", " M").split()) == sorted(
+        ["M4.00,2.00H10.00", "M4.00,6.00H10.00", "M4.00,2.00V6.00", "M10.00,2.00V6.00"])
 
 
 def test_token_matrix_labels_and_block_mean():

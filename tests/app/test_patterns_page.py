@@ -1,0 +1,225 @@
+"""The Patterns page: callbacks as plain functions, and one browser test.
+
+The atlas is computed for real once per module (tiny: 240 maps, 3 epochs); the page only reads it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from dash import no_update
+
+import attnviz
+from attnviz.analysis.patterns import PatternParams, compute_patterns, load_atlas, query_centre
+from tests.helpers import make_recording
+
+GRID = (3, 4)
+N_LAYERS, N_HEADS = 2, 3
+PARAMS = PatternParams(max_maps=240, latent=4, channels=(4, 8), epochs=3, batch_size=64, clusters=3,
+                       umap_neighbors=8, n_nearest=3)
+
+
+def _ops(p: Any) -> dict:
+    return {op["location"][0]: op["params"]["value"] for op in p.to_plotly_json()["operations"]}
+
+
+def _text(fig: Any) -> str:
+    """The message of a fig_message figure (its line breaks undone)."""
+    return fig.layout.annotations[0].text.replace("<br>", " ")
+
+
+def _sel(path: Path, **kw: Any) -> dict:
+    return {"file": path.name, "sample": 0, "layer": 0, "head": 0, "query": None, **kw}
+
+
+@pytest.fixture(scope="module")
+def computed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = make_recording(tmp_path_factory.mktemp("patterns_page") / "atlas.h5", n_samples=5, n_layers=N_LAYERS,
+                          n_heads=N_HEADS, grid=GRID)
+    compute_patterns(path, PARAMS, device="cpu")
+    return path
+
+
+@pytest.fixture()
+def analysed(computed: Path, tmp_path: Path) -> Path:
+    path = tmp_path / computed.name
+    shutil.copy(computed, path)
+    return path
+
+
+def _page(path: Path):
+    from attnviz.app import create_app
+
+    create_app([path])
+    from attnviz.app.pages import patterns  # after create_app (register_page needs the app)
+
+    return patterns
+
+
+def test_without_an_atlas_the_page_says_how_to_compute_it(tmp_path: Path) -> None:
+    path = make_recording(tmp_path / "raw.h5", n_samples=2, n_layers=1, n_heads=2, grid=(2, 2))
+    PG = _page(path)
+    status, summary = PG.status(_sel(path))
+    assert "attnviz analyze raw.h5 --patterns" in status.children and summary == ""
+    fig, key = PG.scatter(_sel(path), "cluster", None)
+    assert "attnviz analyze raw.h5 --patterns" in _text(fig) and key is None
+    for fig in (PG.gallery(_sel(path)), PG.training(_sel(path)), *PG.heads(_sel(path), "natural"),
+                PG.maps(None, _sel(path))[0]):
+        assert "attnviz analyze raw.h5 --patterns" in _text(fig)
+
+
+def test_scatter_full_then_patch_of_the_highlight_only(analysed: Path) -> None:
+    PG = _page(analysed)
+    with attnviz.open(analysed) as rec:
+        atlas = load_atlas(rec)
+    fig, key = PG.scatter(_sel(analysed, layer=1, head=2), "cluster", None)
+    assert sum(len(t.x) for t in fig.data[:-1]) == atlas.n_maps == 240
+    mine = (atlas.layer == 1) & (atlas.head == 2)
+    np.testing.assert_allclose(fig.data[-1].x, atlas.embedding[mine, 0])
+    # same file and colouring: only the highlight trace is replaced
+    p, key2 = PG.scatter(_sel(analysed, layer=0, head=1), "cluster", key)
+    assert key2 is no_update
+    op = p.to_plotly_json()["operations"][0]
+    assert op["location"] == ["data", len(fig.data) - 1]
+    np.testing.assert_allclose(op["params"]["value"]["x"], atlas.embedding[(atlas.layer == 0) & (atlas.head == 1), 0])
+    # another colouring: a full figure again, one trace + highlight
+    fig3, key3 = PG.scatter(_sel(analysed), "layer", key)
+    assert len(fig3.data) == 2 and key3[-1] == "layer"
+    np.testing.assert_array_equal(fig3.data[0].marker.color, atlas.layer.astype(np.float32))
+
+
+def test_lasso_on_scatter_shows_those_maps_and_their_reconstructions(analysed: Path) -> None:
+    PG = _page(analysed)
+    with attnviz.open(analysed) as rec:
+        atlas = load_atlas(rec)
+        recon = rec.analysis_group("patterns")["recon"][()].astype(np.float32)
+    fig, _ = PG.scatter(_sel(analysed), "cluster", None)
+    # points 2 and 0 of trace 1 (cluster 1) and point 1 of trace 0
+    event = {"points": [{"curveNumber": 1, "pointIndex": 2}, {"curveNumber": 1, "pointIndex": 0},
+                        {"curveNumber": 0, "pointIndex": 1}, {"curveNumber": len(fig.data) - 1, "pointIndex": 0}]}
+    picked = PG.picked_from_scatter(_sel(analysed), event, "cluster")
+    c1, c0 = np.flatnonzero(atlas.cluster == 1), np.flatnonzero(atlas.cluster == 0)
+    assert picked["indices"] == [int(c1[2]), int(c1[0]), int(c0[1])]      # the highlight point is ignored
+    maps_fig, note = PG.maps(picked, _sel(analysed))
+    assert note.startswith("3 map(s) picked")
+    heat = [t for t in maps_fig.data if t.type == "heatmap"]
+    assert len(heat) == 3 * 3                                                # raw, input, reconstruction per map
+    for row, j in enumerate(picked["indices"]):
+        raw, inp, rc = heat[3 * row : 3 * row + 3]
+        with attnviz.open(analysed) as rec:
+            a = rec.attention(int(atlas.sample[j]), int(atlas.layer[j]), int(atlas.head[j]))[1 + int(atlas.query[j])]
+        np.testing.assert_allclose(np.asarray(raw.z), a[1:].reshape(GRID), rtol=1e-6)
+        valid = np.isfinite(np.asarray(rc.z, float))
+        np.testing.assert_allclose(np.asarray(rc.z, float)[valid], recon[j][valid], rtol=1e-6)
+        centred = query_centre(a[1:].reshape(1, *GRID), atlas.query[j : j + 1], GRID)[0]
+        peak = max(centred.max(), a[0])
+        np.testing.assert_allclose(np.asarray(inp.z, float)[valid], centred[valid] / peak, rtol=1e-5)
+    # the query is marked on the raw map at (column, row)
+    marks = [t for t in maps_fig.data if t.type == "scatter" and t.xaxis == "x"]
+    qy, qx = divmod(int(atlas.query[picked["indices"][0]]), GRID[1])
+    assert (marks[0].x[0], marks[0].y[0]) == (qx, qy)
+
+
+def test_without_a_pick_the_selected_heads_maps_are_shown(analysed: Path) -> None:
+    PG = _page(analysed)
+    with attnviz.open(analysed) as rec:
+        atlas = load_atlas(rec)
+    fig, note = PG.maps(None, _sel(analysed, layer=1, head=0, sample=3))
+    assert "Layer 1, head 0" in note
+    titles = [a.text for a in fig.layout.annotations if "raw" in a.text]
+    assert titles and all(t.startswith("L1 H0") for t in titles)
+    assert "img 3" in titles[0]                                              # the selected image first
+    assert len(titles) == min(PG.MAX_SHOWN, int(((atlas.layer == 1) & (atlas.head == 0)).sum()))
+
+
+def test_gallery_click_picks_the_clusters_nearest_maps(analysed: Path) -> None:
+    PG = _page(analysed)
+    with attnviz.open(analysed) as rec:
+        atlas = load_atlas(rec)
+    fig = PG.gallery(_sel(analysed))
+    mosaic = fig.data[1]
+    assert np.asarray(mosaic.customdata).shape[:2] == np.asarray(mosaic.z).shape
+    picked = PG.picked_from_gallery(_sel(analysed), {"points": [{"customdata": [2, 0]}]})
+    assert picked["indices"] == atlas.nearest[2][atlas.nearest[2] >= 0].tolist()
+    one = PG.picked_from_gallery(_sel(analysed), {"points": [{"customdata": [1, 2]}]})
+    assert one["indices"] == [int(atlas.nearest[1, 1])]
+    assert PG.picked_from_gallery(_sel(analysed), {"points": [{"customdata": [-1, -1]}]}) is None
+
+
+def test_head_views_and_clicks_select_heads(analysed: Path) -> None:
+    PG = _page(analysed)
+    with attnviz.open(analysed) as rec:
+        atlas = load_atlas(rec)
+    grid, mix, dendro = PG.heads(_sel(analysed, layer=1, head=2), "natural")
+    np.testing.assert_array_equal(np.asarray(grid.data[0].z), atlas.dominant)
+    assert [b.x[2] for b in mix.data[: atlas.n_clusters]] == pytest.approx(atlas.mix[1, 2].tolist())
+    assert len(dendro.data[1].x) == N_LAYERS * N_HEADS
+    # clicks: a grid cell, a bar, a dendrogram leaf carry [layer, head]
+    assert _ops(PG.select_head({"points": [{"customdata": grid.data[0].customdata[1][2]}]})) == {"layer": 1, "head": 2}
+    assert _ops(PG.select_head({"points": [{"customdata": mix.data[0].customdata[1]}]})) == {"layer": 1, "head": 1}
+    leaf = dendro.data[1].customdata[0]
+    assert _ops(PG.select_head({"points": [{"customdata": leaf}]})) == {"layer": leaf[0], "head": leaf[1]}
+    assert PG.select_head({"points": [{"x": 1}]}) is no_update
+    # clicking a map in the scatter selects its head, image and query token everywhere
+    j = int(np.flatnonzero(atlas.cluster == 0)[3])
+    ops = _ops(PG.select_from_scatter({"points": [{"curveNumber": 0, "pointIndex": 3}]}, _sel(analysed), "cluster"))
+    assert ops == {"layer": int(atlas.layer[j]), "head": int(atlas.head[j]), "sample": int(atlas.sample[j]),
+                   "query": 1 + int(atlas.query[j])}
+    # clustered order: each layer's heads rearranged, the customdata still names the real head
+    g2, _, _ = PG.heads(_sel(analysed), "clustered")
+    for layer in range(N_LAYERS):
+        assert sorted(c[1] for c in g2.data[0].customdata[layer]) == list(range(N_HEADS))
+
+
+def test_status_summarises_the_atlas(analysed: Path) -> None:
+    PG = _page(analysed)
+    status, summary = PG.status(_sel(analysed))
+    assert status == "" and "240 centred maps (5x7)" in summary and "3 clusters (K given)" in summary
+
+
+@pytest.mark.browser
+def test_patterns_page_in_a_browser(dash_duo, analysed: Path) -> None:
+    from attnviz.app import create_app
+
+    app = create_app([analysed])
+    dash_duo.start_server(app)
+    dash_duo.wait_for_element("#attnviz-file-picker", timeout=15)
+    dash_duo.driver.get(dash_duo.server_url + "/patterns")
+    dash_duo.wait_for_element("#patterns-scatter .scatterlayer, #patterns-scatter canvas", timeout=20)
+    dash_duo.wait_for_element("#patterns-grid .heatmaplayer", timeout=20)
+    dash_duo.wait_for_contains_text("#patterns-maps-note", "Layer 0, head 0", timeout=20)
+    n_points = dash_duo.driver.execute_script(
+        "const gd = document.querySelector('#patterns-scatter .js-plotly-plot');"
+        "return gd._fullData.slice(0, -1).reduce((s, t) => s + t.x.length, 0);")
+    assert n_points == 240
+    time.sleep(0.5)
+    # click head (layer 1, head 2) in the dominant-cluster grid: the maps follow the selection
+    xy = dash_duo.driver.execute_script("""
+        const gd = document.querySelector('#patterns-grid .js-plotly-plot');
+        gd.scrollIntoView({block: 'center'});
+        const r = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+        return [r.left + xa._offset + xa.l2p(2), r.top + ya._offset + ya.l2p(1)];""")
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    ab = ActionBuilder(dash_duo.driver)
+    ab.pointer_action.move_to_location(int(round(xy[0])), int(round(xy[1])))
+    ab.pointer_action.click()
+    ab.perform()
+    time.sleep(2)
+    dash_duo.driver.save_screenshot("/tmp/pat/shot.png")
+    print("CLICK", xy, dash_duo.driver.execute_script("const gd = document.querySelector('#patterns-grid'); return [gd.getBoundingClientRect().top, window.innerHeight];"))
+    print(dash_duo.find_element("#patterns-maps-note").text)
+    dash_duo.wait_for_contains_text("#patterns-maps-note", "Layer 1, head 2", timeout=15)
+    dash_duo.wait_for_contains_text("#patterns-summary", "Selected: layer 1, head 2", timeout=15)
+    # a lasso-equivalent selection event on the scatter shows those maps
+    dash_duo.driver.execute_script("""
+        const gd = document.querySelector('#patterns-scatter .js-plotly-plot');
+        gd.emit('plotly_selected', {points: [{curveNumber: 0, pointIndex: 0}, {curveNumber: 0, pointIndex: 1}]});""")
+    dash_duo.wait_for_contains_text("#patterns-maps-note", "2 map(s) picked (scatter)", timeout=15)
+    logs = dash_duo.get_logs()
+    assert logs == [], "\n".join(entry["message"][:300] for entry in logs)
