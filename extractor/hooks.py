@@ -42,6 +42,7 @@ __all__ = [
     "ablate_heads",
     "scale_heads",
     "partial_attention",
+    "expand_batch",
     "attnviz_hooks",
     "count_hooks",
     "PARTIAL_ATTENTION_NAME",
@@ -63,6 +64,9 @@ class HeadSites:
         n_heads: heads per layer.
         head_dim: width of one head's output.
         pattern: the regular expression that found them.
+        layer_modules: the layer (block) holding each projection: its nearest ancestor whose name
+            ends in ``.<index>`` (an element of the stack's ModuleList), or () when there is none.
+            :func:`expand_batch` hooks them.
     """
 
     names: tuple[str, ...]
@@ -71,6 +75,7 @@ class HeadSites:
     n_heads: int
     head_dim: int
     pattern: str
+    layer_modules: tuple[nn.Module, ...] = ()
 
     @property
     def n_layers(self) -> int:
@@ -123,10 +128,22 @@ def find_output_projections(model: nn.Module, pattern: str | re.Pattern[str], n_
         raise ModelError(f"cannot tell the number of heads of {found[0][0]}; pass n_heads")
     if width % n_heads:
         raise ModelError(f"{found[0][0]}: input width {width} is not a multiple of {n_heads} heads")
+    layers = [_layer_of(n, named) for n, _ in found]
     return HeadSites(
         names=tuple(n for n, _ in found), modules=tuple(m for _, m in found), attention_modules=tuple(parents),
         n_heads=int(n_heads), head_dim=width // int(n_heads), pattern=rx.pattern,
+        layer_modules=tuple(layers) if all(m is not None for m in layers) and len(set(map(id, layers))) == len(layers)
+        else (),
     )
+
+
+def _layer_of(name: str, named: dict[str, nn.Module]) -> nn.Module | None:
+    """The nearest ancestor of module ``name`` whose own name ends in ``.<index>``: its layer."""
+    parts = name.split(".")
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i].isdigit():
+            return named.get(".".join(parts[: i + 1]))
+    return None
 
 
 def _in_features(module: nn.Module, name: str) -> int:
@@ -276,11 +293,64 @@ def scale_heads(sites: HeadSites, gates: torch.Tensor) -> Iterator[None]:
         yield
 
 
+def _repeat_batch(obj: Any, batch: int, copies: int) -> Any:
+    """Tensors (ndim >= 2) with ``batch`` rows repeated ``copies`` times, copy-major; tuples/lists recursed."""
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(copies, *([1] * (obj.ndim - 1))) if obj.ndim >= 2 and obj.shape[0] == batch else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_repeat_batch(o, batch, copies) for o in obj)
+    return obj
+
+
+@contextmanager
+def expand_batch(sites: HeadSites, from_layer: int, copies: int) -> Iterator[None]:
+    """Run the layers before ``from_layer`` once, then continue on ``copies`` copies of the batch.
+
+    Interventions that touch no layer before ``from_layer`` share that prefix, so K of them on a
+    batch of b cost ``from_layer`` layers at b rows plus the rest at K * b rows, instead of every
+    layer at K * b rows. A forward pre-hook on the layer module ``from_layer`` repeats its hidden
+    states (and every other batch-shaped tensor argument, e.g. an attention mask) ``copies`` times,
+    copy-major (row ``c * b + j`` = copy c of sample j, as a replicated input would be); the later
+    layers get their batch-shaped keyword arguments repeated the same way. The logits then have
+    ``copies * b`` rows.
+
+    Raises:
+        ValueError: the stack's layer modules are unknown (``sites.layer_modules`` empty).
+    """
+    if not sites.layer_modules:
+        raise ValueError("the layers of this stack are unknown; replicate the inputs instead")
+    if not 0 <= from_layer < sites.n_layers:
+        raise ValueError(f"from_layer must be in 0..{sites.n_layers - 1}, got {from_layer}")
+    state: dict[str, int] = {}
+
+    def make(first: bool) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            if copies == 1:
+                return args, kwargs
+            if first:  # layer from_layer sees the batch as it came in (every forward anew)
+                hidden = args[0] if args else kwargs["hidden_states"]
+                state["batch"] = int(hidden.shape[0])
+            b = state["batch"]
+            return _repeat_batch(args, b, copies), {k: _repeat_batch(v, b, copies) for k, v in kwargs.items()}
+        setattr(hook, _HOOK_TAG, True)
+        return hook
+
+    handles = []
+    try:
+        for i, module in enumerate(sites.layer_modules[from_layer:]):
+            handles.append(module.register_forward_pre_hook(make(i == 0), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # -- partial pruning via the AttentionInterface -------------------------------------------------
 
 # id(attention module) -> (layer, keep [layer, head] or [batch, layer, head]); set only inside
 # partial_attention(). Not thread-safe: one partial-pruning forward per process at a time.
-_PARTIAL_STATE: dict[int, tuple[int, torch.Tensor]] = {}
+_PARTIAL_STATE: dict[int, tuple[int, torch.Tensor, bool]] = {}
 
 
 def _module_eager(module: nn.Module) -> Callable[..., Any]:
@@ -304,7 +374,9 @@ def _partial_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     state = _PARTIAL_STATE.get(id(module))
     if state is None or weights is None:
         return out, weights
-    layer, keep = state
+    layer, keep, touched = state
+    if not touched:  # no row prunes this layer (it may run on fewer rows, see expand_batch)
+        return out, weights
     b, h, q, k = weights.shape
     p = _per_row(keep, b, layer, "keep").to(weights.device, torch.float32)  # [batch|1, head]
     p = p.expand(b, h)
@@ -359,8 +431,9 @@ def partial_attention(model: nn.Module, sites: HeadSites, keep: torch.Tensor) ->
     previous = model.config._attn_implementation
     ids = [id(m) for m in sites.attention_modules]
     try:
+        touched = (keep.reshape(-1, *sites.shape) < 1.0).any(0).any(-1)  # [layer]
         for layer, i in enumerate(ids):
-            _PARTIAL_STATE[i] = (layer, keep)
+            _PARTIAL_STATE[i] = (layer, keep, bool(touched[layer]))
         model.set_attn_implementation(PARTIAL_ATTENTION_NAME)
         yield
     finally:

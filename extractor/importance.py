@@ -10,11 +10,14 @@ evaluation batches this measures, per head:
 * partial pruning: accuracy/loss/KL with one head keeping only the top-p of each attention row;
 * iterative pruning curves per metric and for random orders.
 
-Speed: ablations are independent, so K of them run in one forward: the batch is replicated K times
-(``[K * batch, ...]``, copy-major) and the pre-hook applies a different head mask to each row
-(``mask: [K * batch, layer, head]``). :func:`evaluate_ablations_loop` is the one-forward-per-ablation
-reference (tests and ``benchmarks/importance.py`` compare the two). Identical masks (every pruning
-curve starts with no head and ends with all heads) are evaluated once.
+Speed: ablations are independent, so K of them run in one forward on K copies of the batch
+(rows copy-major) with a different head mask per row (``mask: [K * batch, layer, head]``).
+Interventions are grouped by the first layer they change, and the layers before it run once on
+the plain batch, which is copied only at that layer (:func:`extractor.hooks.expand_batch`): a
+single-head ablation in layer l recomputes layers l.. only. Ablations that change nothing (every
+pruning curve starts with no head pruned) are not run, and identical masks run once.
+:func:`evaluate_ablations_loop` is the one-forward-per-ablation reference (tests and
+``benchmarks/importance.py`` compare the two).
 
 Targets: the labels when every sample has one, else the unablated model's own predictions
 (``target_source = "prediction"``; the accuracy then measures agreement with the intact model).
@@ -34,7 +37,14 @@ from torch import nn
 
 from attnviz.analysis import importance as A
 from attnviz.errors import InputError
-from extractor.hooks import HeadSites, ablate_heads, capture_head_outputs, partial_attention, scale_heads
+from extractor.hooks import (
+    HeadSites,
+    ablate_heads,
+    capture_head_outputs,
+    expand_batch,
+    partial_attention,
+    scale_heads,
+)
 
 __all__ = [
     "ImportanceOptions",
@@ -49,6 +59,7 @@ __all__ = [
     "gradient_importance",
     "mean_head_outputs",
     "single_head_masks",
+    "auto_max_rows",
     "compute_importance",
     "store_importance",
     "ABLATIONS",
@@ -72,7 +83,8 @@ class ImportanceOptions:
         partial_fractions: keep fractions p of partial pruning, from 1.0 down.
         prune_steps: pruning curves remove 1/prune_steps of all heads per step.
         random_seeds: random pruning orders for the baseline.
-        max_rows: rows per replicated forward (ablations x samples); bounds memory.
+        max_rows: rows per forward (ablations x samples); bounds memory. None = by device: 64 on the
+            CPU (larger batches cost more per row there: the activations leave the cache), 2048 on a GPU.
         progress: show a progress bar (ablations done / total) on stderr.
     """
 
@@ -80,7 +92,7 @@ class ImportanceOptions:
     partial_fractions: tuple[float, ...] = A.PARTIAL_FRACTIONS
     prune_steps: int = 10
     random_seeds: int = 5
-    max_rows: int = 256
+    max_rows: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -88,7 +100,7 @@ class ImportanceOptions:
             raise InputError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
         if not self.partial_fractions or any(not 0 < p <= 1 for p in self.partial_fractions):
             raise InputError("partial-pruning fractions must lie in (0, 1]")
-        if self.prune_steps < 1 or self.random_seeds < 1 or self.max_rows < 1:
+        if self.prune_steps < 1 or self.random_seeds < 1 or (self.max_rows is not None and self.max_rows < 1):
             raise InputError("prune_steps, random_seeds and max_rows must be >= 1")
 
     def params(self) -> dict[str, Any]:
@@ -256,31 +268,56 @@ def prepare_eval_data(model: nn.Module, batches: Sequence[Mapping[str, Any]],
 # -- evaluation engines ---------------------------------------------------------------------------
 
 
-def _evaluate(model: nn.Module, data: EvalData, n: int,
-              intervene: Callable[[slice, int], ContextManager[Any]], *, logits_fn: LogitsFn, max_rows: int,
-              forward_context: Callable[[], ContextManager[Any]], bar: _Bar | None) -> EvalResult:
-    """Evaluate ``n`` interventions, ``chunk`` at a time on a batch replicated ``chunk`` times.
+def _first_layers(values: np.ndarray, untouched: float | bool) -> np.ndarray:
+    """int ``[K]``: the first layer each intervention ``values [K, layer, head]`` changes (n_layers: none)."""
+    touched = (np.asarray(values) != untouched).any(-1)  # [K, layer]
+    return np.where(touched.any(1), touched.argmax(1), touched.shape[1])
 
-    ``intervene(sl, b)`` returns the context that applies interventions ``sl`` to a replicated
-    batch of ``b`` samples (rows copy-major).
+
+def _evaluate(model: nn.Module, sites: HeadSites, data: EvalData, first_layers: np.ndarray,
+              intervene: Callable[[np.ndarray, int], ContextManager[Any]], *, logits_fn: LogitsFn, max_rows: int,
+              forward_context: Callable[[], ContextManager[Any]], bar: _Bar | None) -> EvalResult:
+    """Evaluate interventions ``chunk`` at a time on ``chunk`` copies of each batch.
+
+    Interventions are grouped by the first layer they change, so a chunk shares the layers before
+    it: the batch runs through them once and is copied at that layer
+    (:func:`extractor.hooks.expand_batch`); without known layer modules the inputs are replicated
+    instead. An intervention that changes nothing is the unablated model (not run).
+    ``intervene(idx, b)`` returns the context applying interventions ``idx`` to ``len(idx) * b``
+    rows, copy-major.
     """
     device = _device(model)
+    n = len(first_layers)
     chunk = max(1, max_rows // data.max_batch)
     sums = np.zeros((3, n), np.float64)
+    noop = first_layers >= sites.n_layers
+    m = data.n_samples
+    sums[:, noop] = np.array([[data.base_accuracy * m], [data.base_loss * m], [0.0]])
+    # chunks never mix first layers: each shares the longest possible prefix
+    chunks = []
+    for layer in np.unique(first_layers[~noop]):
+        group = np.flatnonzero(first_layers == layer)
+        chunks += [group[i:i + chunk] for i in range(0, len(group), chunk)]
+    if bar is not None:
+        bar.update(int(noop.sum()))
     with torch.inference_mode(), forward_context():
-        for start in range(0, n, chunk):
-            sl = slice(start, min(start + chunk, n))
-            k = sl.stop - sl.start
+        for idx in chunks:
+            k = len(idx)
+            from_layer = int(first_layers[idx[0]])
             for inp, tgt, blp in zip(data.inputs, data.targets, data.base_logp):
                 b = int(tgt.shape[0])
-                rep = _replicate(_to(inp, device), k)
-                with intervene(sl, b):
-                    logits = logits_fn(model, rep)
+                x = _to(inp, device)
+                with contextlib.ExitStack() as stack:
+                    if sites.layer_modules:
+                        stack.enter_context(expand_batch(sites, from_layer, k))
+                    else:
+                        x = _replicate(x, k)
+                    stack.enter_context(intervene(idx, b))
+                    logits = logits_fn(model, x)
                 for i, s in enumerate(_stats(logits, k, tgt, blp)):
-                    sums[i, sl] += s.cpu().numpy()
+                    sums[i, idx] += s.cpu().numpy()
             if bar is not None:
                 bar.update(k)
-    m = data.n_samples
     return EvalResult(accuracy=sums[0] / m, loss=sums[1] / m, kl=sums[2] / m)
 
 
@@ -302,11 +339,11 @@ def evaluate_ablations(model: nn.Module, sites: HeadSites, data: EvalData, masks
     device = _device(model)
     rep = replacement.to(device) if replacement is not None else None
 
-    def intervene(sl: slice, b: int) -> ContextManager[Any]:
-        return ablate_heads(sites, masks_t[sl].repeat_interleave(b, dim=0).to(device), rep)
+    def intervene(idx: np.ndarray, b: int) -> ContextManager[Any]:
+        return ablate_heads(sites, masks_t[torch.as_tensor(idx)].repeat_interleave(b, dim=0).to(device), rep)
 
-    return _evaluate(model, data, len(masks_t), intervene, logits_fn=logits_fn, max_rows=max_rows,
-                     forward_context=forward_context, bar=bar)
+    return _evaluate(model, sites, data, _first_layers(masks_t.numpy(), False), intervene, logits_fn=logits_fn,
+                     max_rows=max_rows, forward_context=forward_context, bar=bar)
 
 
 def evaluate_ablations_loop(model: nn.Module, sites: HeadSites, data: EvalData, masks: np.ndarray | torch.Tensor, *,
@@ -341,11 +378,11 @@ def evaluate_partial(model: nn.Module, sites: HeadSites, data: EvalData, keep: n
     keep_t = torch.as_tensor(np.asarray(keep), dtype=torch.float32)
     device = _device(model)
 
-    def intervene(sl: slice, b: int) -> ContextManager[Any]:
-        return partial_attention(model, sites, keep_t[sl].repeat_interleave(b, dim=0).to(device))
+    def intervene(idx: np.ndarray, b: int) -> ContextManager[Any]:
+        return partial_attention(model, sites, keep_t[torch.as_tensor(idx)].repeat_interleave(b, dim=0).to(device))
 
-    return _evaluate(model, data, len(keep_t), intervene, logits_fn=logits_fn, max_rows=max_rows,
-                     forward_context=forward_context, bar=bar)
+    return _evaluate(model, sites, data, _first_layers(keep_t.numpy(), 1.0), intervene, logits_fn=logits_fn,
+                     max_rows=max_rows, forward_context=forward_context, bar=bar)
 
 
 @contextlib.contextmanager
@@ -413,6 +450,11 @@ def mean_head_outputs(model: nn.Module, sites: HeadSites, data: EvalData, *, log
     return (pooled / n_tok).float()
 
 
+def auto_max_rows(device: torch.device) -> int:
+    """Rows per forward when the user sets none: 64 on the CPU, 2048 on a GPU."""
+    return 2048 if device.type == "cuda" else 64
+
+
 def single_head_masks(shape: tuple[int, int]) -> np.ndarray:
     """bool ``[layer * head, layer, head]``: mask k ablates head k alone (k = layer * n_heads + head)."""
     n = shape[0] * shape[1]
@@ -442,12 +484,13 @@ def compute_importance(model: nn.Module, sites: HeadSites, data: EvalData, optio
     shape = sites.shape
     n = shape[0] * shape[1]
     kw: dict[str, Any] = dict(logits_fn=logits_fn, forward_context=forward_context)
+    max_rows = options.max_rows or auto_max_rows(_device(model))
     fractions = [p for p in options.partial_fractions if p < 1.0]
     bar = _Bar(n + n * len(fractions), options.progress)
     try:
         replacement = mean_head_outputs(model, sites, data, **kw) if options.ablation == "mean" else None
         single = evaluate_ablations(model, sites, data, single_head_masks(shape), replacement=replacement,
-                                    max_rows=options.max_rows, bar=bar, **kw)
+                                    max_rows=max_rows, bar=bar, **kw)
         base_acc, base_loss = data.base_accuracy, data.base_loss
         metrics = {
             "accuracy_drop": (base_acc - single.accuracy).reshape(shape),
@@ -462,7 +505,7 @@ def compute_importance(model: nn.Module, sites: HeadSites, data: EvalData, optio
         for h in range(n):
             for j, p in enumerate(fractions):
                 keep[h, j].flat[h] = p
-        part = evaluate_partial(model, sites, data, keep.reshape(-1, *shape), max_rows=options.max_rows, bar=bar, **kw)
+        part = evaluate_partial(model, sites, data, keep.reshape(-1, *shape), max_rows=max_rows, bar=bar, **kw)
         n_p = len(options.partial_fractions)
         p_acc, p_loss, p_kl = (np.empty((n, n_p)) for _ in range(3))
         j_new = 0
@@ -484,7 +527,7 @@ def compute_importance(model: nn.Module, sites: HeadSites, data: EvalData, optio
         unique, inverse = np.unique(all_masks.reshape(len(all_masks), -1), axis=0, return_inverse=True)
         bar.add_total(len(unique))
         res = evaluate_ablations(model, sites, data, unique.reshape(-1, *shape), replacement=replacement,
-                                 max_rows=options.max_rows, bar=bar, **kw)
+                                 max_rows=max_rows, bar=bar, **kw)
         acc = res.accuracy[inverse.ravel()].reshape(len(orders) + len(rand), len(steps))
     finally:
         bar.close()

@@ -16,6 +16,7 @@ from extractor.hooks import (
     attnviz_hooks,
     capture_head_outputs,
     count_hooks,
+    expand_batch,
     find_output_projections,
     partial_attention,
     scale_heads,
@@ -217,3 +218,25 @@ def test_shape_errors(vit):
         with partial_attention(vit, sites, torch.zeros(L, H)):
             pass
     assert attnviz_hooks(vit) == []
+
+
+def test_expand_batch_equals_replicated_inputs(vit, px):
+    """Copying the batch at layer 1 (layer 0 runs once) = running 3 copies of the inputs from the start."""
+    sites = find_output_projections(vit, PATTERN)
+    assert len(sites.layer_modules) == L and sites.layer_modules[1] is vit.vit.layers[1]
+    b = px.shape[0]
+    masks = torch.zeros(3, L, H, dtype=torch.bool)
+    masks[0, 1, 0] = masks[2, 1, 2] = True
+    rows = masks.repeat_interleave(b, 0)
+    with ablate_heads(sites, rows):
+        replicated = logits(vit, px.repeat(3, 1, 1, 1))
+        with expand_batch(sites, 1, 3):
+            expanded = logits(vit, px)
+    torch.testing.assert_close(expanded, replicated, rtol=1e-5, atol=1e-6)
+    assert attnviz_hooks(vit) == []
+    with expand_batch(sites, 0, 2):  # a second forward with another batch size inside one context
+        logits(vit, px)
+        assert logits(vit, px[:1]).shape == (2, 5)
+    with pytest.raises(ValueError):
+        with expand_batch(sites, L, 2):
+            pass

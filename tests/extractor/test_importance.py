@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import numpy as np
@@ -189,7 +190,7 @@ def test_partial_pruning_keep_one_reproduces_the_output_exactly(vit, sites, imag
                     assert torch.equal(vit(pixel_values=images).logits, base)
 
 
-def test_partial_pruning_curve(vit, sites, data):
+def test_partial_pruning_curve(vit, sites, data, images, labels):
     res = compute_importance(vit, sites, data, ImportanceOptions(progress=False, random_seeds=1, prune_steps=2))
     c = res.curves
     np.testing.assert_allclose(c.partial_fractions, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
@@ -202,15 +203,21 @@ def test_partial_pruning_curve(vit, sites, data):
     one = evaluate_partial(vit, sites, data, keep)
     assert c.partial_accuracy[1, 0, 8] == pytest.approx(one.accuracy[0])
     assert c.partial_kl[1, 0, 8] == pytest.approx(one.kl[0], rel=1e-5)
+    # and by hand: one plain forward over all images with that head pruned
+    with partial_attention(vit, sites, torch.as_tensor(keep[0])):
+        acc, loss, _ = outcome(vit, images, labels)
+    assert one.accuracy[0] == pytest.approx(acc) and one.loss[0] == pytest.approx(loss, rel=1e-5)
     assert c.partial_kl[..., -1].max() > 0  # keeping 10% of the keys changes the output
 
 
 def test_batched_ablation_equals_the_per_head_loop(vit, sites, data):
     rng = np.random.default_rng(0)
     masks = np.concatenate([single_head_masks((L, H)), rng.random((5, L, H)) < 0.5])
+    masks[3] = False  # an ablation of nothing: the unablated model
     loop = evaluate_ablations_loop(vit, sites, data, masks)
-    for max_rows in (4, 12, 1000):  # 1, 3 (uneven chunks) and all ablations per forward
-        batched = evaluate_ablations(vit, sites, data, masks, max_rows=max_rows)
+    replicating = dataclasses.replace(sites, layer_modules=())  # copy the inputs, not the hidden states
+    for s, max_rows in ((sites, 4), (sites, 12), (sites, 1000), (replicating, 12)):  # 1, 3 (uneven), all
+        batched = evaluate_ablations(vit, s, data, masks, max_rows=max_rows)
         np.testing.assert_allclose(batched.accuracy, loop.accuracy)
         np.testing.assert_allclose(batched.loss, loop.loss, rtol=1e-5)
         np.testing.assert_allclose(batched.kl, loop.kl, rtol=1e-4, atol=1e-8)
