@@ -97,8 +97,8 @@ def importance(
                                    "once per ablation it evaluates)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use the first N inputs."),
     seeds: int = typer.Option(5, "--seeds", help="Random pruning orders for the baseline."),
-    max_rows: int = typer.Option(256, "--max-rows", help="Rows (ablations x images) per forward; lower it if "
-                                 "memory runs out."),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Rows (ablations x images) per forward "
+                                           "(default: 64 on the CPU, 2048 on a GPU); lower it if memory runs out."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the stored result has the same parameters."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
