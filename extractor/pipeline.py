@@ -85,7 +85,9 @@ class ExtractResult:
     Attributes:
         path: the complete recording.
         n_samples: samples in it; n_recorded: samples computed by this call (fewer when resumed).
-        seconds: wall time of the per-batch loop; accuracy: on labelled samples, or None.
+        seconds: wall time of the per-batch loop (until the last batch is on disk);
+        head_stats_seconds: time of the per-head statistics afterwards.
+        accuracy: on labelled samples, or None.
         skipped: (input, reason) of unreadable inputs.
         adapter: the loaded model, for follow-up steps on the same model (e.g. head importance).
     """
@@ -97,6 +99,7 @@ class ExtractResult:
     accuracy: float | None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     adapter: Adapter | None = None
+    head_stats_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -166,7 +169,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     layout = adapter.layout
     specs = [A.spec(m, layout=layout, target=opts.target) for m in methods]
     params = {
-        "model": source.ref, "model_path": str(source.path), "model_class": adapter.model_class,
+        "model": source.ref, "model_snapshot": str(source.path) if source.from_cache else None,
+        "model_class": adapter.model_class,
         "input": str(opts.input), "limit": opts.limit, "attributions": methods, "target": opts.target,
         "dtype": opts.dtype, "device": device.type, "batch_size": opts.batch_size,
         "compression": opts.compression, "torch": torch.__version__,
@@ -208,7 +212,9 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     seconds = time.perf_counter() - t0
 
     # 5. basic per-head statistics, so the dashboard has them without `attnviz analyze`
+    t1 = time.perf_counter()
     _store_head_stats(path)
+    stats_seconds = time.perf_counter() - t1
 
     import attnviz
 
@@ -217,7 +223,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         n = rec.n_samples
         skipped = rec.skipped
     return ExtractResult(path=path, n_samples=n, n_recorded=n_todo, seconds=seconds, accuracy=accuracy,
-                         skipped=skipped, adapter=adapter)
+                         skipped=skipped, adapter=adapter, head_stats_seconds=stats_seconds)
 
 
 def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, todo: list[tuple[int, int]],

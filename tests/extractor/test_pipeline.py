@@ -217,7 +217,8 @@ def _datasets(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_interrupt_then_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):
-    kw = dict(attributions=None, batch_size=2)
+    # (saliency and integrated gradients are resumed in tests/test_cli_extract.py's real Ctrl-C test)
+    kw = dict(attributions=("occlusion", "rollout"), batch_size=2)
     reference = run(data, tmp_path / "ref.h5", **kw)
 
     real_run = VitAdapter.run
@@ -242,7 +243,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(data, tmp_path, monkeypa
     with pytest.raises(InputError, match="recorded with attributions="):
         run(data, out, resume=True, attributions=("rollout",))
     with pytest.raises(InputError, match="recorded from other inputs"):
-        run(data, out, resume=True, attributions=None, limit=4)
+        run(data, out, resume=True, attributions=("occlusion", "rollout"), limit=4)
 
     counted = {"n": 0}
 
@@ -252,7 +253,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(data, tmp_path, monkeypa
 
     monkeypatch.setattr(VitAdapter, "run", counting)
     result = extract(ExtractOptions(model=str(data / "vit"), input=str(data / "imgs"), out=str(out), device="cpu",
-                                    batch_size=2, attributions=None, progress=False, resume=True))
+                                    batch_size=2, attributions=("occlusion", "rollout"), progress=False, resume=True))
     assert counted["n"] == 2 and result.n_recorded == 3  # only the two batches not done
     got, got_attrs = _datasets(out)
     ref, ref_attrs = _datasets(reference)

@@ -1,0 +1,82 @@
+"""Build ``sample_data/shapes-demo.h5``: the demo ViT recorded on held-out procedural shapes.
+
+Makes ``--n`` images with :func:`shapes.make_shapes` and the demo seed (``DEMO_SEED`` = 2, disjoint
+from training seed 0 and test seed 1; see ``scripts/README.md``), writes them with their object
+masks as PNG files and a JSONL manifest (class-name labels) into a temporary folder, and runs the
+real ``attnviz extract`` pipeline over that manifest with every attribution method. Deterministic:
+the same arguments rebuild the same datasets (only the ``created`` attribute differs).
+
+    python scripts/build_demo_recording.py                  # 256 images -> sample_data/shapes-demo.h5
+    attnviz info sample_data/shapes-demo.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+
+from shapes import CLASS_NAMES, DEMO_SEED, make_shapes  # noqa: E402
+
+SAMPLE_DATA_BUDGET = 40 * 1024 * 1024  # all of sample_data/ must stay below this
+
+
+def write_inputs(folder: Path, n: int, seed: int, size: int) -> Path:
+    """PNG images + masks (255 = object) + ``manifest.jsonl`` with class-name labels; returns the manifest."""
+    data = make_shapes(n, seed=seed, size=size)
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    lines = []
+    for i in range(n):
+        Image.fromarray(data.images[i]).save(folder / "images" / f"{i:04d}.png")
+        Image.fromarray(data.masks[i].astype(np.uint8) * 255).save(folder / "masks" / f"{i:04d}.png")
+        lines.append(json.dumps({"image": f"images/{i:04d}.png", "label": CLASS_NAMES[int(data.labels[i])],
+                                 "mask": f"masks/{i:04d}.png"}))
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=ROOT / "sample_data" / "models" / "shapes-vit")
+    ap.add_argument("--out", type=Path, default=ROOT / "sample_data" / "shapes-demo.h5")
+    ap.add_argument("--n", type=int, default=256, help="held-out images to record")
+    ap.add_argument("--seed", type=int, default=DEMO_SEED)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--compression", default="gzip", help="gzip: the smallest file for the repository")
+    ap.add_argument("--attributions", default="all")
+    args = ap.parse_args()
+
+    import torch
+
+    from extractor.adapters import load_config, resolve_model
+    from extractor.pipeline import ExtractOptions, extract, parse_attributions
+
+    torch.manual_seed(0)
+    size = load_config(resolve_model(args.model)).image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = write_inputs(Path(tmp), args.n, args.seed, int(size))
+        result = extract(ExtractOptions(model=str(args.model), input=str(manifest), out=str(args.out), device="cpu",
+                                        batch_size=args.batch_size, attributions=parse_attributions(args.attributions),
+                                        compression=args.compression, overwrite=True))
+    total = sum(p.stat().st_size for p in (ROOT / "sample_data").rglob("*") if p.is_file())
+    print(f"wrote {result.path}: {result.n_samples} images, accuracy {result.accuracy:.1%}, "
+          f"{result.path.stat().st_size / 2**20:.1f} MB; sample_data/ now {total / 2**20:.1f} MB "
+          f"(budget {SAMPLE_DATA_BUDGET / 2**20:.0f} MB)")
+    if total >= SAMPLE_DATA_BUDGET:
+        sys.exit(f"sample_data/ is {total / 2**20:.1f} MB, over the {SAMPLE_DATA_BUDGET / 2**20:.0f} MB budget: "
+                 "use fewer images (--n) or gzip")
+
+
+if __name__ == "__main__":
+    main()
