@@ -1,6 +1,8 @@
 """Figures of spatial attention profiles (see :mod:`attnviz.analysis.spatial` for the definitions).
 
-Pure functions: arrays in, ``go.Figure`` out. Figures that show heads as points carry
+Pure functions: arrays in, ``go.Figure`` out, each built in one constructor call from plain
+dicts (:func:`attnviz.figures.make_figure`: plotly validates every later ``update_*`` call,
+which would cost more than the data). Figures that show heads as points carry
 ``customdata = [layer, head]`` on every point so that a click (``clickData["points"][0]["customdata"]``)
 selects the head; :func:`clicked_head` reads it back. customdata is given as nested lists, not a
 numpy array: plotly serialises numpy arrays as typed arrays, and plotly.js leaves those out of
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from attnviz.figures import HEAT_SCALE, base_layout
+from attnviz.figures import HEAT_SCALE, make_figure
 
 __all__ = [
     "SHARE_COLOURS",
@@ -48,7 +50,8 @@ def _head_jitter(n_heads: int, width: float = 0.5) -> np.ndarray:
 
 def fig_layer_trend(values: np.ndarray, *, metric: str, units: str = "", selected: tuple[int, int] | None = None,
                     reference: float | None = None, reference_label: str = "", title: str | None = None,
-                    height: int | None = None, width: int | None = None) -> go.Figure:
+                    y_range: tuple[float, float] | None = None, height: int | None = None,
+                    width: int | None = None) -> go.Figure:
     """The ViT-paper trend view: every head a dot at (layer, value) (Dosovitskiy et al. 2021, Fig. 7).
 
     Args:
@@ -57,11 +60,12 @@ def fig_layer_trend(values: np.ndarray, *, metric: str, units: str = "", selecte
         units: appended to the axis title and hover ("px").
         selected: (layer, head) drawn highlighted, or None.
         reference: a horizontal reference line (e.g. the distance of uniform attention), or None.
+        y_range: fixed y-axis range, or None (from 0).
 
     Returns:
         Trace 0: the heads (x = layer plus a small per-head offset, y = value, ``customdata`` =
         [layer, head], marker colour = head index); trace 1: the per-layer mean (line); trace 2 (when
-        ``selected``): the selected head.
+        ``selected``): the selected head. The reference line is ``layout.shapes[0]``.
     """
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2:
@@ -69,41 +73,46 @@ def fig_layer_trend(values: np.ndarray, *, metric: str, units: str = "", selecte
     n_layers, n_heads = v.shape
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     keep = np.isfinite(v).ravel()
-    x = (layer + _head_jitter(n_heads)[None, :]).ravel()[keep]
-    custom = np.stack([layer.ravel(), head.ravel()], -1)[keep]
+    jitter = _head_jitter(n_heads)
     suffix = f" {units}" if units else ""
-    fig = go.Figure(go.Scatter(
-        x=x, y=v.ravel()[keep], mode="markers", customdata=custom.tolist(), name="heads",
-        marker=dict(size=8, color=head.ravel()[keep], colorscale="Turbo", cmin=0, cmax=max(n_heads - 1, 1),
+    data: list[dict] = [dict(
+        type="scatter", x=(layer + jitter[None, :]).ravel()[keep].tolist(), y=v.ravel()[keep].tolist(),
+        mode="markers", customdata=np.stack([layer.ravel(), head.ravel()], -1)[keep].tolist(), name="heads",
+        marker=dict(size=8, color=head.ravel()[keep].tolist(), colorscale="Turbo", cmin=0, cmax=max(n_heads - 1, 1),
                     line=dict(width=0.5, color="#333"),
                     colorbar=dict(title=dict(text="head", side="right"), thickness=10,
                                   dtick=1 if n_heads <= 16 else None)),
         hovertemplate=(f"layer %{{customdata[0]}}, head %{{customdata[1]}}<br>{metric}: %{{y:.4g}}{suffix}"
                        "<extra></extra>"),
-    ))
+    )]
     with np.errstate(all="ignore"):
-        layer_mean = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in v])
-    fig.add_trace(go.Scatter(x=np.arange(n_layers), y=layer_mean, mode="lines", name="layer mean",
-                             line=dict(color="#555", width=1.5, dash="dot"), hoverinfo="skip"))
+        layer_mean = [float(np.nanmean(r)) if np.isfinite(r).any() else None for r in v]
+    data.append(dict(type="scatter", x=list(range(n_layers)), y=layer_mean, mode="lines", name="layer mean",
+                     line=dict(color="#555", width=1.5, dash="dot"), hoverinfo="skip"))
     if selected is not None and 0 <= selected[0] < n_layers and 0 <= selected[1] < n_heads \
             and np.isfinite(v[selected]):
-        sl, sh = selected
-        fig.add_trace(go.Scatter(
-            x=[sl + _head_jitter(n_heads)[sh]], y=[v[sl, sh]], mode="markers", customdata=[[int(sl), int(sh)]],
+        sl, sh = int(selected[0]), int(selected[1])
+        data.append(dict(
+            type="scatter", x=[sl + float(jitter[sh])], y=[float(v[sl, sh])], mode="markers", customdata=[[sl, sh]],
             name=f"layer {sl}, head {sh}", showlegend=False,
             marker=dict(size=16, symbol="circle-open", color=SELECTED_COLOUR, line=dict(width=3)),
             hovertemplate=f"selected: layer {sl}, head {sh}<br>{metric}: %{{y:.4g}}{suffix}<extra></extra>",
         ))
+    shapes, notes = [], []
     if reference is not None and np.isfinite(reference):
-        fig.add_hline(y=reference, line=dict(color="#999", dash="dash", width=1),
-                      annotation_text=reference_label, annotation_position="top left")
-    fig.update_xaxes(title="layer", tickmode="linear" if n_layers <= 32 else "auto",
-                     dtick=1 if n_layers <= 32 else None,
-                     range=[-0.6, n_layers - 0.4], zeroline=False)
-    fig.update_yaxes(title=metric + (f" ({units})" if units else ""), rangemode="tozero")
-    base_layout(fig, title=title, height=height or 360, width=width)
-    fig.update_layout(showlegend=False, clickmode="event", hovermode="closest")
-    return fig
+        shapes.append(dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=float(reference), y1=float(reference),
+                           line=dict(color="#999", dash="dash", width=1)))
+        if reference_label:
+            notes.append(dict(text=reference_label, xref="paper", x=0, xanchor="left", yref="y", y=float(reference),
+                              yanchor="bottom", showarrow=False, font=dict(size=11, color="#777")))
+    layout = dict(
+        xaxis=dict(title=dict(text="layer"), tickmode="linear" if n_layers <= 32 else "auto",
+                   dtick=1 if n_layers <= 32 else None, range=[-0.6, n_layers - 0.4], zeroline=False),
+        yaxis=dict(title=dict(text=metric + (f" ({units})" if units else "")),
+                   **(dict(range=list(y_range)) if y_range is not None else dict(rangemode="tozero"))),
+        shapes=shapes, annotations=notes, showlegend=False, clickmode="event", hovermode="closest",
+    )
+    return make_figure(data, layout, title=title, height=height or 360, width=width)
 
 
 def fig_distance_trend(mean_distance: np.ndarray, *, uniform: float | None = None,
@@ -121,11 +130,10 @@ def fig_local_share_trend(local_share: np.ndarray, *, selected: tuple[int, int] 
                           title: str | None = None, height: int | None = None, width: int | None = None) -> go.Figure:
     """Layer vs local share (attention to the 3x3 neighbourhood without self), each head a dot.
     ``local_share``: float ``[n_layers, n_heads]``."""
-    fig = fig_layer_trend(local_share, metric="local share (3x3 neighbours)", selected=selected, title=title,
-                          height=height, width=width)
-    top = float(np.nanmax(local_share)) if np.isfinite(local_share).any() else 1.0
-    fig.update_yaxes(range=[0, max(1e-6, top) * 1.08])
-    return fig
+    v = np.asarray(local_share, dtype=np.float64)
+    top = float(np.nanmax(v)) if np.isfinite(v).any() else 1.0
+    return fig_layer_trend(v, metric="local share (3x3 neighbours)", selected=selected, title=title,
+                           y_range=(0.0, max(1e-6, top) * 1.08), height=height, width=width)
 
 
 def fig_offset_profile(profile: np.ndarray, *, title: str | None = None, hide_self: bool = False,
@@ -139,8 +147,8 @@ def fig_offset_profile(profile: np.ndarray, *, title: str | None = None, hide_se
             wash out the colours of the neighbours.
 
     Returns:
-        Trace 0 is the ``go.Heatmap`` (x = dx, y = dy, z = ``profile``, centre NaN when hidden);
-        trace 1 marks the query (0, 0).
+        Trace 0 is the heatmap (x = dx, y = dy, z = ``profile``, centre NaN when hidden); trace 1
+        marks the query (0, 0).
     """
     p = np.asarray(profile, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] % 2 == 0 or p.shape[1] % 2 == 0:
@@ -149,19 +157,19 @@ def fig_offset_profile(profile: np.ndarray, *, title: str | None = None, hide_se
     z = p.copy()
     if hide_self:
         z[ch, cw] = np.nan
-    dx = np.arange(-cw, cw + 1)
-    dy = np.arange(-ch, ch + 1)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=dx, y=dy, colorscale=colorscale, zmin=0,
-        colorbar=dict(title=dict(text="attention", side="right"), thickness=12),
-        hovertemplate="offset dy=%{y}, dx=%{x} patches<br>mean attention: %{z:.4g}<extra></extra>",
-    ))
-    fig.add_trace(go.Scatter(x=[0], y=[0], mode="markers", hoverinfo="skip", showlegend=False,
-                             marker=dict(symbol="x-thin-open", size=10, color="white", line=dict(width=2))))
-    fig.update_xaxes(title="key offset dx (patches)", zeroline=False, showgrid=False, constrain="domain")
-    fig.update_yaxes(title="key offset dy (patches)", autorange="reversed", zeroline=False, showgrid=False,
-                     scaleanchor="x", scaleratio=1, constrain="domain")
-    return base_layout(fig, title=title, height=height or 380, width=width)
+    data = [
+        dict(type="heatmap", z=_nan_to_none(z), x=list(range(-cw, cw + 1)), y=list(range(-ch, ch + 1)),
+             colorscale=colorscale, zmin=0, colorbar=dict(title=dict(text="attention", side="right"), thickness=12),
+             hovertemplate="offset dy=%{y}, dx=%{x} patches<br>mean attention: %{z:.4g}<extra></extra>"),
+        dict(type="scatter", x=[0], y=[0], mode="markers", hoverinfo="skip", showlegend=False,
+             marker=dict(symbol="x-thin-open", size=10, color="white", line=dict(width=2))),
+    ]
+    layout = dict(
+        xaxis=dict(title=dict(text="key offset dx (patches)"), zeroline=False, showgrid=False, constrain="domain"),
+        yaxis=dict(title=dict(text="key offset dy (patches)"), autorange="reversed", zeroline=False, showgrid=False,
+                   scaleanchor="x", scaleratio=1, constrain="domain"),
+    )
+    return make_figure(data, layout, title=title, height=height or 380, width=width)
 
 
 def fig_query_distance_map(distance: np.ndarray, *, title: str | None = None, units: str = "px",
@@ -172,20 +180,21 @@ def fig_query_distance_map(distance: np.ndarray, *, title: str | None = None, un
         distance: float ``[gh, gw]``; cell (y, x) = mean attention distance of the query patch at (y, x).
 
     Returns:
-        Trace 0: ``go.Heatmap`` with x = patch column, y = patch row (row 0 at the top).
+        Trace 0: heatmap with x = patch column, y = patch row (row 0 at the top).
     """
     d = np.asarray(distance, dtype=np.float64)
     if d.ndim != 2:
         raise ValueError(f"distance must be [gh, gw], got shape {d.shape}")
-    fig = go.Figure(go.Heatmap(
-        z=d, x=np.arange(d.shape[1]), y=np.arange(d.shape[0]), colorscale=HEAT_SCALE,
-        colorbar=dict(title=dict(text=units, side="right"), thickness=12),
-        hovertemplate=f"query patch row %{{y}}, column %{{x}}<br>mean distance: %{{z:.4g}} {units}<extra></extra>",
-    ))
-    fig.update_xaxes(title="query patch column", showgrid=False, zeroline=False, constrain="domain")
-    fig.update_yaxes(title="query patch row", autorange="reversed", showgrid=False, zeroline=False,
-                     scaleanchor="x", scaleratio=1, constrain="domain")
-    return base_layout(fig, title=title, height=height or 380, width=width)
+    data = [dict(type="heatmap", z=_nan_to_none(d), x=list(range(d.shape[1])), y=list(range(d.shape[0])),
+                 colorscale=HEAT_SCALE, colorbar=dict(title=dict(text=units, side="right"), thickness=12),
+                 hovertemplate=(f"query patch row %{{y}}, column %{{x}}<br>mean distance: %{{z:.4g}} {units}"
+                                "<extra></extra>"))]
+    layout = dict(
+        xaxis=dict(title=dict(text="query patch column"), showgrid=False, zeroline=False, constrain="domain"),
+        yaxis=dict(title=dict(text="query patch row"), autorange="reversed", showgrid=False, zeroline=False,
+                   scaleanchor="x", scaleratio=1, constrain="domain"),
+    )
+    return make_figure(data, layout, title=title, height=height or 380, width=width)
 
 
 def fig_radial_profiles(radius: np.ndarray, values: np.ndarray, *, layer: int, metric: str = "chebyshev",
@@ -204,29 +213,32 @@ def fig_radial_profiles(radius: np.ndarray, values: np.ndarray, *, layer: int, m
     Returns:
         Trace h = head h (x = radius, y = values[h], ``customdata`` = [layer, h] on every point).
     """
-    r = np.asarray(radius)
+    r = [int(x) for x in np.asarray(radius)]
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2 or v.shape[1] != len(r):
         raise ValueError(f"values must be [n_heads, {len(r)}], got shape {v.shape}")
     n_heads = v.shape[0]
     palette = _palette(n_heads)
-    fig = go.Figure()
+    data = []
     for h in range(n_heads):
         sel = selected_head == h
-        fig.add_trace(go.Scatter(
-            x=r, y=v[h], mode="lines+markers", name=f"head {h}", customdata=[[int(layer), h]] * len(r),
+        data.append(dict(
+            type="scatter", x=r, y=_nan_to_none(v[h]), mode="lines+markers", name=f"head {h}",
+            customdata=[[int(layer), h]] * len(r),
             line=dict(width=4 if sel else 1.5, color=SELECTED_COLOUR if sel else palette[h]),
             marker=dict(size=7 if sel else 4), opacity=1.0 if (selected_head is None or sel) else 0.75,
             hovertemplate=f"layer {layer}, head {h}<br>ring %{{x}}: %{{y:.4g}}<extra></extra>",
         ))
     ring = "Chebyshev" if metric == "chebyshev" else "Euclidean"
-    fig.update_xaxes(title=f"{ring} distance ring (patches)", tickmode="linear", dtick=1 if len(r) <= 30 else None)
     ytitle = "mean attention per query-key pair" if quantity == "strength" else "share of attention in ring"
-    fig.update_yaxes(title=ytitle, type="log" if log_y else "linear")
-    base_layout(fig, title=title if title is not None else f"Layer {layer}: attention by distance",
-                height=height or 360, width=width)
-    fig.update_layout(clickmode="event", hovermode="closest")
-    return fig
+    layout = dict(
+        xaxis=dict(title=dict(text=f"{ring} distance ring (patches)"), tickmode="linear",
+                   dtick=1 if len(r) <= 30 else None),
+        yaxis=dict(title=dict(text=ytitle), type="log" if log_y else "linear"),
+        clickmode="event", hovermode="closest",
+    )
+    return make_figure(data, layout, title=title if title is not None else f"Layer {layer}: attention by distance",
+                       height=height or 360, width=width)
 
 
 def fig_shares(shares: np.ndarray, *, layer: int, selected_head: int | None = None, title: str | None = None,
@@ -235,35 +247,37 @@ def fig_shares(shares: np.ndarray, *, layer: int, selected_head: int | None = No
 
     Args:
         shares: float ``[n_heads, 4]`` in the order (prefix, self, local, rest).
-        layer: the layer shown; selected_head: its tick is marked.
+        layer: the layer shown; selected_head: outlined.
 
     Returns:
-        Four ``go.Bar`` traces in that order (x = head, y = share, ``customdata`` = [layer, head]),
+        Four bar traces in that order (x = head, y = share, ``customdata`` = [layer, head]),
         ``barmode="stack"``.
     """
     s = np.asarray(shares, dtype=np.float64)
     if s.ndim != 2 or s.shape[1] != 4:
         raise ValueError(f"shares must be [n_heads, 4], got shape {s.shape}")
     n_heads = s.shape[0]
-    heads = np.arange(n_heads)
-    custom = np.stack([np.full(n_heads, layer), heads], -1)
-    fig = go.Figure()
-    for i, name in enumerate(SHARE_NAMES):
-        fig.add_trace(go.Bar(x=heads, y=s[:, i], name=_SHARE_LABELS[name], marker_color=SHARE_COLOURS[name],
-                             customdata=custom.tolist(),
-                             hovertemplate=(f"layer {layer}, head %{{x}}<br>{_SHARE_LABELS[name]}: %{{y:.3f}}"
-                                            "<extra></extra>")))
-    ticks = [f"<b>{h}</b>" if h == selected_head else str(h) for h in heads]
-    fig.update_xaxes(title="head", tickmode="array", tickvals=heads, ticktext=ticks)
-    fig.update_yaxes(title="share of a patch query's attention", range=[0, 1.02])
-    base_layout(fig, title=title if title is not None else f"Layer {layer}: where the attention goes",
-                height=height or 360, width=width)
-    fig.update_layout(barmode="stack", bargap=0.15, clickmode="event",
-                      legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
+    heads = list(range(n_heads))
+    custom = [[int(layer), h] for h in heads]
+    data = [dict(type="bar", x=heads, y=s[:, i].tolist(), name=_SHARE_LABELS[name], marker_color=SHARE_COLOURS[name],
+                 customdata=custom,
+                 hovertemplate=(f"layer {layer}, head %{{x}}<br>{_SHARE_LABELS[name]}: %{{y:.3f}}"
+                                "<extra></extra>"))
+            for i, name in enumerate(SHARE_NAMES)]
+    shapes = []
     if selected_head is not None and 0 <= selected_head < n_heads:
-        fig.add_vrect(x0=selected_head - 0.5, x1=selected_head + 0.5, line=dict(color=SELECTED_COLOUR, width=2),
-                      fillcolor="rgba(0,0,0,0)", layer="above")
-    return fig
+        shapes.append(dict(type="rect", xref="x", x0=selected_head - 0.5, x1=selected_head + 0.5, yref="paper",
+                           y0=0, y1=1, line=dict(color=SELECTED_COLOUR, width=2), fillcolor="rgba(0,0,0,0)",
+                           layer="above"))
+    layout = dict(
+        xaxis=dict(title=dict(text="head"), tickmode="array", tickvals=heads,
+                   ticktext=[f"<b>{h}</b>" if h == selected_head else str(h) for h in heads]),
+        yaxis=dict(title=dict(text="share of a patch query's attention"), range=[0, 1.02]),
+        barmode="stack", bargap=0.15, clickmode="event", shapes=shapes,
+        legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
+    )
+    return make_figure(data, layout, title=title if title is not None else f"Layer {layer}: where the attention goes",
+                       height=height or 360, width=width)
 
 
 def fig_image_vs_mean(image_values: np.ndarray, mean_values: np.ndarray, *, metric: str, units: str = "",
@@ -274,7 +288,7 @@ def fig_image_vs_mean(image_values: np.ndarray, mean_values: np.ndarray, *, metr
     Args:
         image_values: float ``[n_layers, n_heads]`` for one image.
         mean_values: float ``[n_layers, n_heads]`` averaged over images.
-        image_label: y-axis title (e.g. "image 3 (cat_01.png)").
+        image_label: y-axis title (e.g. "image 3").
 
     Returns:
         Trace 0: heads (x = mean, y = image, colour = layer, ``customdata`` = [layer, head]); trace 1:
@@ -288,30 +302,31 @@ def fig_image_vs_mean(image_values: np.ndarray, mean_values: np.ndarray, *, metr
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     keep = (np.isfinite(a) & np.isfinite(m)).ravel()
     suffix = f" {units}" if units else ""
-    fig = go.Figure(go.Scatter(
-        x=m.ravel()[keep], y=a.ravel()[keep], mode="markers", name="heads",
+    data: list[dict] = [dict(
+        type="scatter", x=m.ravel()[keep].tolist(), y=a.ravel()[keep].tolist(), mode="markers", name="heads",
         customdata=np.stack([layer.ravel(), head.ravel()], -1)[keep].tolist(),
-        marker=dict(size=7, color=layer.ravel()[keep], colorscale="Viridis", cmin=0, cmax=max(n_layers - 1, 1),
+        marker=dict(size=7, color=layer.ravel()[keep].tolist(), colorscale="Viridis", cmin=0,
+                    cmax=max(n_layers - 1, 1), line=dict(width=0.5, color="#333"),
                     colorbar=dict(title=dict(text="layer", side="right"), thickness=10,
-                                  dtick=1 if n_layers <= 16 else None), line=dict(width=0.5, color="#333")),
+                                  dtick=1 if n_layers <= 16 else None)),
         hovertemplate=(f"layer %{{customdata[0]}}, head %{{customdata[1]}}<br>mean over images: %{{x:.4g}}{suffix}"
                        f"<br>{image_label}: %{{y:.4g}}{suffix}<extra></extra>"),
-    ))
+    )]
     both = np.concatenate([a.ravel()[keep], m.ravel()[keep]])
     lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
-    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", hoverinfo="skip", showlegend=False,
-                             line=dict(color="#999", dash="dash", width=1)))
+    data.append(dict(type="scatter", x=[lo, hi], y=[lo, hi], mode="lines", hoverinfo="skip", showlegend=False,
+                     line=dict(color="#999", dash="dash", width=1)))
     if selected is not None and 0 <= selected[0] < n_layers and 0 <= selected[1] < n_heads \
             and np.isfinite(a[selected]) and np.isfinite(m[selected]):
-        fig.add_trace(go.Scatter(x=[m[selected]], y=[a[selected]], mode="markers",
-                                 customdata=[[int(selected[0]), int(selected[1])]],
-                                 showlegend=False, hoverinfo="skip",
-                                 marker=dict(size=16, symbol="circle-open", color=SELECTED_COLOUR, line=dict(width=3))))
-    fig.update_xaxes(title=f"{metric}, mean over images" + (f" ({units})" if units else ""))
-    fig.update_yaxes(title=f"{metric}, {image_label}" + (f" ({units})" if units else ""))
-    base_layout(fig, title=title, height=height or 360, width=width)
-    fig.update_layout(showlegend=False, clickmode="event", hovermode="closest")
-    return fig
+        data.append(dict(type="scatter", x=[float(m[selected])], y=[float(a[selected])], mode="markers",
+                         customdata=[[int(selected[0]), int(selected[1])]], showlegend=False, hoverinfo="skip",
+                         marker=dict(size=16, symbol="circle-open", color=SELECTED_COLOUR, line=dict(width=3))))
+    layout = dict(
+        xaxis=dict(title=dict(text=f"{metric}, mean over images" + (f" ({units})" if units else ""))),
+        yaxis=dict(title=dict(text=f"{metric}, {image_label}" + (f" ({units})" if units else ""))),
+        showlegend=False, clickmode="event", hovermode="closest",
+    )
+    return make_figure(data, layout, title=title, height=height or 360, width=width)
 
 
 def clicked_head(click: Any) -> tuple[int, int] | None:
@@ -321,6 +336,16 @@ def clicked_head(click: Any) -> tuple[int, int] | None:
         return int(layer), int(head)
     except (TypeError, KeyError, IndexError, ValueError):
         return None
+
+
+def _nan_to_none(a: np.ndarray) -> list:
+    """Nested lists with NaN as None (a gap in plotly), so the figure is built from plain values."""
+    a = np.asarray(a, dtype=np.float64)
+    if np.isfinite(a).all():
+        return a.tolist()
+    out = a.astype(object)
+    out[~np.isfinite(a)] = None
+    return out.tolist()
 
 
 def _palette(n: int) -> list[str]:

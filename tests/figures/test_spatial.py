@@ -58,7 +58,7 @@ def test_offset_profile_is_centred_with_axes_in_patches():
     # the value shown at (dy=0, dx=+1) is the profile's cell right of the centre
     assert z[list(hm.y).index(0), list(hm.x).index(1)] == prof[gh - 1, gw]
     assert fig.layout.yaxis.autorange == "reversed" and fig.layout.yaxis.scaleanchor == "x"
-    hidden = np.asarray(fig_offset_profile(prof, hide_self=True).data[0].z)
+    hidden = np.asarray(fig_offset_profile(prof, hide_self=True).data[0].z, dtype=float)  # None (a gap) -> NaN
     assert np.isnan(hidden[gh - 1, gw - 1]) and np.isnan(hidden).sum() == 1
     with pytest.raises(ValueError):
         fig_offset_profile(np.zeros((4, 5)))
