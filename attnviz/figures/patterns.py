@@ -6,7 +6,9 @@ Pure functions: arrays in, ``go.Figure`` out (no Dash, no h5py). Conventions:
 - Maps are drawn as heatmaps with row 0 at the top (image convention); positions that do not exist for
   a query (outside the image) are NaN, drawn blank. The query is marked with a white-edged cross.
 - Figures whose points stand for heads carry ``customdata = [layer, head]`` as nested lists (plotly.js
-  leaves numpy typed arrays out of click events); :func:`clicked_head` reads it back.
+  leaves numpy typed arrays out of click events); :func:`clicked_head` reads it back. Dash's click
+  events leave out the ``customdata`` of heatmap cells, so clicks on heatmaps are read from ``x``/``y``:
+  :func:`grid_head` (the dominant-cluster grid) and :func:`gallery_tile` (the prototype gallery).
 - The UMAP scatter has one ``Scattergl`` trace per colour group; :func:`scatter_groups` gives the atlas
   indices of each trace so that click/lasso events (``curveNumber``, ``pointIndex``) map back to maps
   (:func:`selected_maps`).
@@ -32,7 +34,10 @@ __all__ = [
     "scatter_groups",
     "selected_maps",
     "clicked_head",
+    "gallery_tile",
+    "grid_head",
     "fig_pattern_scatter",
+    "highlight_trace",
     "fig_map_pairs",
     "fig_prototype_gallery",
     "fig_dominant_grid",
@@ -141,7 +146,8 @@ def fig_pattern_scatter(embedding: np.ndarray, *, cluster: np.ndarray, layer: np
         color_by: "cluster" (one trace per cluster, legend toggles them), "layer", "head", "image" or
             "error" (one trace, a colour scale; "error" needs ``error`` ``[N]``).
         cluster_names: legend names per cluster (default "C0", "C1", ...).
-        highlight: atlas indices drawn as open red circles on top (the current selection).
+        highlight: atlas indices drawn as open red circles on top (e.g. the selected head's maps);
+            when not None the highlight trace is always there (possibly empty), as the last trace.
 
     Returns:
         Traces in the order of :func:`scatter_groups`, then the highlight trace when given.
@@ -180,17 +186,26 @@ def fig_pattern_scatter(embedding: np.ndarray, *, cluster: np.ndarray, layer: np
                         colorbar=dict(title=dict(text="reconstruction error" if color_by == "error" else color_by,
                                                  side="right"), thickness=12)),
             hovertemplate=hover + f"<br>{color_by}: %{{marker.color:.4g}}<extra></extra>"))
-    if highlight is not None and len(highlight):
-        h = np.asarray(highlight, np.int64)
-        fig.add_trace(go.Scattergl(
-            x=emb[h, 0], y=emb[h, 1], mode="markers", name="selected", hoverinfo="skip", showlegend=False,
-            marker=dict(size=size + 8, color="rgba(0,0,0,0)", line=dict(width=2, color=SELECTED_COLOUR))))
+    if highlight is not None:
+        fig.add_trace(highlight_trace(emb, highlight, n))
     fig.update_xaxes(title="UMAP 1", showticklabels=False, zeroline=False)
     fig.update_yaxes(title="UMAP 2", showticklabels=False, zeroline=False)
     base_layout(fig, title=title, height=height or 520, width=width)
     fig.update_layout(dragmode="lasso", clickmode="event+select", legend=dict(itemsizing="constant"),
                       uirevision="patterns-scatter")
     return fig
+
+
+def highlight_trace(embedding: np.ndarray, highlight: Sequence[int], n_points: int | None = None,
+                    name: str = "selected") -> go.Scattergl:
+    """The open red circles :func:`fig_pattern_scatter` draws on top of ``highlight`` (atlas indices;
+    may be empty). A page can replace just this last trace (a ``dash.Patch``) when only it changes."""
+    emb = np.asarray(embedding, np.float32)
+    h = np.asarray(highlight, np.int64).reshape(-1)
+    n = len(emb) if n_points is None else n_points
+    size = 6 if n < 2000 else 4 if n < 20000 else 3
+    return go.Scattergl(x=emb[h, 0], y=emb[h, 1], mode="markers", name=name, hoverinfo="skip", showlegend=False,
+                        marker=dict(size=size + 7, color="rgba(0,0,0,0)", line=dict(width=1.5, color=SELECTED_COLOUR)))
 
 
 # -- maps ------------------------------------------------------------------------------------
@@ -555,8 +570,39 @@ def fig_training(train_loss: np.ndarray, val_loss: np.ndarray, *, k_candidates: 
     return fig
 
 
+def gallery_tile(click: Any, tile_shape: tuple[int, int], n_clusters: int, n_columns: int) -> tuple[int, int] | None:
+    """(cluster, column) of the tile of :func:`fig_prototype_gallery` under a click (column 0: the
+    prototype, 1..: nearest maps), from the point's ``x``/``y`` (Dash leaves heatmap ``customdata`` out of
+    click events); None on a gap between tiles or outside."""
+    try:
+        x, y = int(round(float(click["points"][0]["x"]))), int(round(float(click["points"][0]["y"])))
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None
+    h, w = tile_shape
+    cluster, row_in = divmod(y, h + 1)
+    column, col_in = divmod(x, w + 1)
+    if x < 0 or y < 0 or row_in >= h or col_in >= w or cluster >= n_clusters or column >= n_columns:
+        return None
+    return cluster, column
+
+
+def grid_head(click: Any, head_order: np.ndarray | None, n_layers: int, n_heads: int) -> tuple[int, int] | None:
+    """(layer, head) under a click on :func:`fig_dominant_grid` drawn with ``head_order`` (None: natural
+    order), from ``x`` (slot) and ``y`` (layer); None when the click carries no cell."""
+    try:
+        slot, layer = int(click["points"][0]["x"]), int(click["points"][0]["y"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None
+    if not (0 <= layer < n_layers and 0 <= slot < n_heads):
+        return None
+    if head_order is None:
+        return layer, slot
+    return layer, int(_head_rank_order(head_order, n_layers, n_heads)[layer, slot])
+
+
 def clicked_head(click: Any) -> tuple[int, int] | None:
-    """(layer, head) from the ``clickData`` of the grid, mix bars or dendrogram, or None."""
+    """(layer, head) from the ``clickData`` of the mix bars or the dendrogram (their points carry
+    ``customdata = [layer, head]``), or None."""
     try:
         layer, head = click["points"][0]["customdata"][:2]
         return int(layer), int(head)

@@ -144,11 +144,19 @@ def test_gallery_click_picks_the_clusters_nearest_maps(analysed: Path) -> None:
     fig = PG.gallery(_sel(analysed))
     mosaic = fig.data[1]
     assert np.asarray(mosaic.customdata).shape[:2] == np.asarray(mosaic.z).shape
-    picked = PG.picked_from_gallery(_sel(analysed), {"points": [{"customdata": [2, 0]}]})
+    h, w = atlas.prototypes.shape[1:]
+    cd = np.asarray(mosaic.customdata)
+
+    def click(cluster: int, column: int, dy: int = 0, dx: int = 0) -> dict:
+        x, y = column * (w + 1) + dx, cluster * (h + 1) + dy
+        assert list(cd[y, x]) == [cluster, column]            # the tile drawn there
+        return {"points": [{"x": x, "y": y}]}
+
+    picked = PG.picked_from_gallery(_sel(analysed), click(2, 0, h - 1, w - 1))
     assert picked["indices"] == atlas.nearest[2][atlas.nearest[2] >= 0].tolist()
-    one = PG.picked_from_gallery(_sel(analysed), {"points": [{"customdata": [1, 2]}]})
+    one = PG.picked_from_gallery(_sel(analysed), click(1, 2, 1, 2))
     assert one["indices"] == [int(atlas.nearest[1, 1])]
-    assert PG.picked_from_gallery(_sel(analysed), {"points": [{"customdata": [-1, -1]}]}) is None
+    assert PG.picked_from_gallery(_sel(analysed), {"points": [{"x": w, "y": 0}]}) is None     # the gap
 
 
 def test_head_views_and_clicks_select_heads(analysed: Path) -> None:
@@ -159,8 +167,8 @@ def test_head_views_and_clicks_select_heads(analysed: Path) -> None:
     np.testing.assert_array_equal(np.asarray(grid.data[0].z), atlas.dominant)
     assert [b.x[2] for b in mix.data[: atlas.n_clusters]] == pytest.approx(atlas.mix[1, 2].tolist())
     assert len(dendro.data[1].x) == N_LAYERS * N_HEADS
-    # clicks: a grid cell, a bar, a dendrogram leaf carry [layer, head]
-    assert _ops(PG.select_head({"points": [{"customdata": grid.data[0].customdata[1][2]}]})) == {"layer": 1, "head": 2}
+    # clicks: a grid cell (x = slot, y = layer, as Dash sends heatmap clicks), a bar, a dendrogram leaf
+    assert _ops(PG.select_from_grid({"points": [{"x": 2, "y": 1}]}, "natural", _sel(analysed))) == {"layer": 1, "head": 2}
     assert _ops(PG.select_head({"points": [{"customdata": mix.data[0].customdata[1]}]})) == {"layer": 1, "head": 1}
     leaf = dendro.data[1].customdata[0]
     assert _ops(PG.select_head({"points": [{"customdata": leaf}]})) == {"layer": leaf[0], "head": leaf[1]}
@@ -170,16 +178,41 @@ def test_head_views_and_clicks_select_heads(analysed: Path) -> None:
     ops = _ops(PG.select_from_scatter({"points": [{"curveNumber": 0, "pointIndex": 3}]}, _sel(analysed), "cluster"))
     assert ops == {"layer": int(atlas.layer[j]), "head": int(atlas.head[j]), "sample": int(atlas.sample[j]),
                    "query": 1 + int(atlas.query[j])}
-    # clustered order: each layer's heads rearranged, the customdata still names the real head
+    # clustered order: each layer's heads rearranged; a click on a slot selects the head drawn there
     g2, _, _ = PG.heads(_sel(analysed), "clustered")
     for layer in range(N_LAYERS):
-        assert sorted(c[1] for c in g2.data[0].customdata[layer]) == list(range(N_HEADS))
+        drawn = [c[1] for c in g2.data[0].customdata[layer]]
+        assert sorted(drawn) == list(range(N_HEADS))
+        np.testing.assert_array_equal(np.asarray(g2.data[0].z)[layer], atlas.dominant[layer, drawn])
+        for slot, head in enumerate(drawn):
+            click = {"points": [{"x": slot, "y": layer}]}
+            assert _ops(PG.select_from_grid(click, "clustered", _sel(analysed))) == {"layer": layer, "head": head}
+    assert PG.select_from_grid({"points": [{"x": 7, "y": 0}]}, "natural", _sel(analysed)) is no_update
 
 
 def test_status_summarises_the_atlas(analysed: Path) -> None:
     PG = _page(analysed)
     status, summary = PG.status(_sel(analysed))
     assert status == "" and "240 centred maps (5x7)" in summary and "3 clusters (K given)" in summary
+
+
+def _point(dash_duo: Any, graph_id: str, x: float, y: float) -> list[float]:
+    """Viewport pixel of data point (x, y) of a graph (scrolled into view first)."""
+    return dash_duo.driver.execute_script(f"""
+        const gd = document.querySelector('#{graph_id} .js-plotly-plot');
+        gd.scrollIntoView({{block: 'center'}});
+        const r = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+        return [r.left + xa._offset + xa.l2p(arguments[0]), r.top + ya._offset + ya.l2p(arguments[1])];""", x, y)
+
+
+def _click(dash_duo: Any, xy: list[float]) -> None:
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    time.sleep(0.3)  # scrolling settles
+    ab = ActionBuilder(dash_duo.driver)
+    ab.pointer_action.move_to_location(int(round(xy[0])), int(round(xy[1])))
+    ab.pointer_action.click()
+    ab.perform()
 
 
 @pytest.mark.browser
@@ -199,23 +232,23 @@ def test_patterns_page_in_a_browser(dash_duo, analysed: Path) -> None:
     assert n_points == 240
     time.sleep(0.5)
     # click head (layer 1, head 2) in the dominant-cluster grid: the maps follow the selection
-    xy = dash_duo.driver.execute_script("""
-        const gd = document.querySelector('#patterns-grid .js-plotly-plot');
-        gd.scrollIntoView({block: 'center'});
-        const r = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
-        return [r.left + xa._offset + xa.l2p(2), r.top + ya._offset + ya.l2p(1)];""")
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
-
-    ab = ActionBuilder(dash_duo.driver)
-    ab.pointer_action.move_to_location(int(round(xy[0])), int(round(xy[1])))
-    ab.pointer_action.click()
-    ab.perform()
-    time.sleep(2)
-    dash_duo.driver.save_screenshot("/tmp/pat/shot.png")
-    print("CLICK", xy, dash_duo.driver.execute_script("const gd = document.querySelector('#patterns-grid'); return [gd.getBoundingClientRect().top, window.innerHeight];"))
-    print(dash_duo.find_element("#patterns-maps-note").text)
+    _click(dash_duo, _point(dash_duo, "patterns-grid", 2, 1))
     dash_duo.wait_for_contains_text("#patterns-maps-note", "Layer 1, head 2", timeout=15)
     dash_duo.wait_for_contains_text("#patterns-summary", "Selected: layer 1, head 2", timeout=15)
+    # click a tile of the gallery (nearest map 1 of cluster 0): that map is shown
+    with attnviz.open(analysed) as rec:
+        atlas = load_atlas(rec)
+    h, w = atlas.prototypes.shape[1:]
+    _click(dash_duo, _point(dash_duo, "patterns-gallery", (w + 1) + w // 2, h // 2))
+    dash_duo.wait_for_contains_text("#patterns-maps-note", "1 map(s) picked (cluster 0)", timeout=15)
+    j = int(atlas.nearest[0, 0])
+    dash_duo.wait_for_contains_text("#patterns-maps", f"L{atlas.layer[j]} H{atlas.head[j]} · img {atlas.sample[j]}",
+                                    timeout=15)
+    # click one point of the WebGL scatter: its head and image become the selection
+    k = int(np.flatnonzero(atlas.cluster == 0)[0])
+    _click(dash_duo, _point(dash_duo, "patterns-scatter", *atlas.embedding[k].tolist()))
+    dash_duo.wait_for_contains_text("#patterns-summary", f"Selected: layer {atlas.layer[k]}, head {atlas.head[k]}",
+                                    timeout=15)
     # a lasso-equivalent selection event on the scatter shows those maps
     dash_duo.driver.execute_script("""
         const gd = document.querySelector('#patterns-scatter .js-plotly-plot');

@@ -39,6 +39,8 @@ from attnviz.figures.patterns import (
     fig_pattern_scatter,
     fig_training,
     gallery_figure,
+    gallery_tile,
+    grid_head,
     highlight_trace,
     scatter_groups,
     selected_maps,
@@ -67,7 +69,7 @@ TRAINING = ids.page_id(P, "training")
 #: maps shown in full at once (raw, input, reconstruction)
 MAX_SHOWN = 6
 #: graphs whose points carry customdata [layer, head]: a click selects that head everywhere
-HEAD_GRAPHS = (GRID, MIX, DENDROGRAM)
+HEAD_GRAPHS = (MIX, DENDROGRAM)
 
 _ABOUT = (
     "Each point is one query patch's attention map, re-centred on the query (so 'attends to its left "
@@ -241,12 +243,10 @@ def picked_from_gallery(data: Any, click: Any) -> dict[str, Any] | None:
     sel, rec, atlas, problem = _resolve(data)
     if problem:
         return None
-    try:
-        cluster, column = (int(v) for v in click["points"][0]["customdata"][:2])
-    except (TypeError, KeyError, IndexError, ValueError):
+    tile = gallery_tile(click, atlas.prototypes.shape[1:], atlas.n_clusters, 1 + atlas.nearest.shape[1])
+    if tile is None:
         return None
-    if not 0 <= cluster < atlas.n_clusters:
-        return None
+    cluster, column = tile
     near = atlas.nearest[cluster]
     near = near[near >= 0]
     idx = near if column == 0 else near[column - 1 : column]
@@ -351,8 +351,20 @@ def training(data: Any):
 
 
 def select_head(click: Any):
-    """A click on a head (grid cell, mix bar, dendrogram leaf) -> selection layer/head."""
+    """A click on a head (mix bar, dendrogram leaf) -> selection layer/head."""
     head = clicked_head(click)
+    return no_update if head is None else patch(layer=head[0], head=head[1])
+
+
+@callback(Output(ids.SELECTION, "data", allow_duplicate=True), Input(GRID, "clickData"),
+          State(ORDER, "value"), State(ids.SELECTION, "data"), prevent_initial_call=True)
+def select_from_grid(click: Any, order: str | None, data: Any):
+    """A click on a cell of the dominant-cluster grid -> selection layer/head (the cell's slot is
+    mapped back to the head when the heads are ordered by mix)."""
+    sel, rec, atlas, problem = _resolve(data)
+    if problem:
+        return no_update
+    head = grid_head(click, atlas.head_order if order == "clustered" else None, atlas.n_layers, atlas.n_heads)
     return no_update if head is None else patch(layer=head[0], head=head[1])
 
 
