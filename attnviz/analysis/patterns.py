@@ -502,7 +502,7 @@ def describe_prototype(proto: np.ndarray, prefix: float, mode: str) -> dict[str,
     for centred maps, grid position for absolute ones), its peak value and prefix mass, its flatness
     (mean / peak: 1 for a flat map, about 1/(H*W) for a single spot); centred mode only: its spread
     (the mean Chebyshev offset in patches, weighted by the map) and the shares of its mass in the
-    query's row and column (``row_share``, ``column_share``)."""
+    peak cell, the query's row and its column (``peak_share``, ``row_share``, ``column_share``)."""
     h, w = proto.shape
     py, px = np.unravel_index(int(np.argmax(proto)), proto.shape)
     peak = float(proto[py, px])
@@ -515,6 +515,7 @@ def describe_prototype(proto: np.ndarray, prefix: float, mode: str) -> dict[str,
         cheb = np.maximum(abs(yy - cy), abs(xx - cx))
         tot = float(proto.sum())
         out["spread"] = float((proto * cheb).sum() / tot) if tot > 0 else 0.0
+        out["peak_share"] = float(peak / tot) if tot > 0 else 0.0
         out["row_share"] = float(proto[cy].sum() / tot) if tot > 0 else 0.0
         out["column_share"] = float(proto[:, cx].sum() / tot) if tot > 0 else 0.0
     else:

@@ -81,9 +81,10 @@ def _describe(f: dict[str, Any]) -> str:
     if "peak_offset" in f:
         if f.get("spread", 0) > 0 and f.get("flatness", 0) >= 0.5:
             return "broad"
-        if f.get("row_share", 0) >= 0.6 and f.get("spread", 0) > 1.5:
+        spread_out = f.get("peak_share", 1) < 0.3 and f.get("spread", 0) > 1.5
+        if spread_out and f.get("row_share", 0) >= 0.6:
             return "row band"
-        if f.get("column_share", 0) >= 0.6 and f.get("spread", 0) > 1.5:
+        if spread_out and f.get("column_share", 0) >= 0.6:
             return "column band"
         dy, dx = f["peak_offset"]
         if (dy, dx) == (0, 0):

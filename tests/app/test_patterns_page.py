@@ -256,3 +256,23 @@ def test_patterns_page_in_a_browser(dash_duo, analysed: Path) -> None:
     dash_duo.wait_for_contains_text("#patterns-maps-note", "2 map(s) picked (scatter)", timeout=15)
     logs = dash_duo.get_logs()
     assert logs == [], "\n".join(entry["message"][:300] for entry in logs)
+
+
+def test_report_views_of_the_atlas(analysed: Path, tmp_path: Path) -> None:
+    from attnviz.report import collect_figures
+
+    views = ["patterns_atlas", "patterns_prototypes", "patterns_heads"]
+    with attnviz.open(analysed) as rec:
+        atlas = load_atlas(rec)
+        items = collect_figures(rec, samples=[0], views=views)
+        names = [i.stem for i in items]
+        assert names == ["patterns_atlas", "patterns_prototypes", "patterns_heads_grid", "patterns_heads_mix",
+                         "patterns_heads_dendrogram", "patterns_heads_training"]
+        scatter = items[0].figure
+        assert sum(len(t.x) for t in scatter.data) == atlas.n_maps
+        mosaic = np.asarray(items[1].figure.data[1].z, float)
+        h, w = atlas.prototypes.shape[1:]
+        np.testing.assert_allclose(mosaic[:h, :w], atlas.prototypes[0], rtol=1e-6)
+    plain = make_recording(tmp_path / "plain.h5", n_samples=2)
+    with attnviz.open(plain) as rec:
+        assert collect_figures(rec, samples=[0], views=views) == []        # skipped without an atlas
