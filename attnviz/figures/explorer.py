@@ -28,7 +28,7 @@ def _image_trace(image: np.ndarray, image_size: tuple[int, int], **kw) -> dict:
     h, w = image_size
     dx, dy = w / iw, h / ih
     # x0/y0 are the centre of the first pixel: pixel edges then fall on 0 .. w, 0 .. h
-    return dict(type="image", source=image_data_uri(image), x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip", **kw)
+    return dict(type="image", source=image_data_uri(image, "jpeg"), x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip", **kw)
 
 
 def _grid_lines(grid: tuple[int, int], patch: tuple[int, int]) -> str:
@@ -127,7 +127,8 @@ def fig_head_multiples(maps: np.ndarray, *, selected_head: int | None = None, co
     shapes = []
     if query_cell is not None:
         qr, qc = query_cell
-        path = " ".join(f"M{c * (gw + 1) + qc - 0.5},{r * (gh + 1) + qr - 0.5} h1 v1 h-1 Z" for r, c in zip(tile_r, tile_c))
+        corners = [(c * (gw + 1) + qc - 0.5, r * (gh + 1) + qr - 0.5) for r, c in zip(tile_r, tile_c)]
+        path = " ".join(f"M{x},{y} H{x + 1} V{y + 1} H{x} Z" for x, y in corners)  # absolute commands only
         shapes.append(dict(type="path", path=path, line=dict(color="#ff2d55", width=1.5)))
     if selected_head is not None and 0 <= selected_head < n_heads:
         r, c = divmod(selected_head, cols)
@@ -208,7 +209,7 @@ def fig_attribution_panels(image: np.ndarray, panels: Sequence[tuple[str, np.nda
         layout[f"yaxis{sfx}"] = dict(visible=False, range=[h, 0], scaleanchor=f"x{sfx}", constrain="domain",
                                      anchor=f"x{sfx}")
         layout["annotations"].append(dict(text=names[i], x=x0 + width / 2, y=1.0, xref="paper", yref="paper",
-                                          yanchor="bottom", showarrow=False, font=dict(size=13)))
+                                          xanchor="center", yanchor="bottom", showarrow=False, font=dict(size=13)))
         data.append(_image_trace(image, image_size, xaxis=f"x{sfx}", yaxis=f"y{sfx}"))
         if outline:
             layout["shapes"].append(dict(type="path", path=outline, xref=f"x{sfx}", yref=f"y{sfx}",

@@ -16,13 +16,23 @@ _GD = "document.querySelector('#{id} .js-plotly-plot')"
 
 
 def _plot_point(dash_duo, graph_id: str, x: float, y: float, xaxis: str = "xaxis", yaxis: str = "yaxis"):
-    """Viewport pixel of data point (x, y) in a dcc.Graph (scrolled into view first)."""
-    return dash_duo.driver.execute_script(f"""
-        const gd = {_GD.format(id=graph_id)};
-        gd.scrollIntoView({{block: 'center'}});
-        const r = gd.getBoundingClientRect(), xa = gd._fullLayout.{xaxis}, ya = gd._fullLayout.{yaxis};
-        return [r.left + xa._offset + xa.l2p(arguments[0]), r.top + ya._offset + ya.l2p(arguments[1])];
-    """, x, y)
+    """Viewport pixel of data point (x, y) in a dcc.Graph, once the layout is still and the pixel
+    really is on that graph (a page still settling moves things between measuring and clicking)."""
+    last = None
+    for _ in range(40):
+        xy = dash_duo.driver.execute_script(f"""
+            const gd = {_GD.format(id=graph_id)};
+            gd.scrollIntoView({{block: 'center'}});
+            const r = gd.getBoundingClientRect(), xa = gd._fullLayout.{xaxis}, ya = gd._fullLayout.{yaxis};
+            const px = r.left + xa._offset + xa.l2p(arguments[0]), py = r.top + ya._offset + ya.l2p(arguments[1]);
+            const hit = document.elementFromPoint(px, py);
+            return [px, py, !!(hit && gd.contains(hit))];
+        """, x, y)
+        if xy[2] and last is not None and abs(xy[0] - last[0]) < 0.5 and abs(xy[1] - last[1]) < 0.5:
+            return xy[:2]
+        last = xy
+        time.sleep(0.25)
+    raise AssertionError(f"{graph_id}: point ({x}, {y}) never settled on the graph: {last}")
 
 
 def _click_at(dash_duo, xy):
@@ -45,7 +55,7 @@ def _figure(dash_duo, graph_id: str):
         f"return {{title: gd.layout.title && gd.layout.title.text, z: z && Array.from(z, r => Array.from(r))}};")
 
 
-def _wait_title(dash_duo, graph_id: str, text: str, timeout: float = 15):
+def _wait_title(dash_duo, graph_id: str, text: str, timeout: float = 30):
     dash_duo.wait_for_contains_text(f"#{graph_id} .gtitle", text, timeout=timeout)
 
 
@@ -54,19 +64,17 @@ def test_click_head_then_patch_updates_the_map(dash_duo, rec_path):
 
     app = create_app([rec_path])
     dash_duo.start_server(app)
-    dash_duo.wait_for_element("#attnviz-file-picker", timeout=15)
+    dash_duo.wait_for_element("#attnviz-file-picker", timeout=30)
     dash_duo.driver.get(dash_duo.server_url + "/explorer")
     _wait_title(dash_duo, "explorer-overlay", "L0 H0")
     _wait_title(dash_duo, "explorer-multiples", "Layer 0")
     _wait_title(dash_duo, "explorer-attributions", "Attributions")
-    dash_duo.wait_for_element("#explorer-headgrid .heatmaplayer", timeout=15)
-    time.sleep(0.5)  # let the layout settle before computing click positions
+    dash_duo.wait_for_element("#explorer-headgrid .heatmaplayer", timeout=30)
 
     # click head (layer 1, head 2) in the all-heads grid
     _click_at(dash_duo, _plot_point(dash_duo, "explorer-headgrid", 2, 1))
     _wait_title(dash_duo, "explorer-overlay", "L1 H2")
     _wait_title(dash_duo, "explorer-multiples", "Layer 1")
-    time.sleep(0.3)
 
     # click patch (row 2, col 1) on the image: pixel centre (1.5 * 8, 2.5 * 8)
     _click_at(dash_duo, _plot_point(dash_duo, "explorer-overlay", 12, 20))
@@ -79,7 +87,7 @@ def test_click_head_then_patch_updates_the_map(dash_duo, rec_path):
 
     # the selection is shared: the overview's grid outlines the same head
     dash_duo.find_element("a.av-nav-link[href='/']").click()
-    dash_duo.wait_for_element("#overview-headgrid .heatmaplayer", timeout=15)
+    dash_duo.wait_for_element("#overview-headgrid .heatmaplayer", timeout=30)
     outline = dash_duo.driver.execute_script(
         f"const gd = {_GD.format(id='overview-headgrid')}; const s = gd.layout.shapes[0]; return [s.x0, s.y0];")
     assert outline == [1.5, 0.5]  # head 2, layer 1
