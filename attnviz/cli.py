@@ -71,15 +71,18 @@ def extract(
                           target=target, compression=compression, overwrite=overwrite, resume=resume,
                           progress=progress)
     result = run_extract(opts)
+    imp = None
     if importance:
         from extractor.importance import ImportanceOptions, run_importance
 
-        run_importance(result.adapter, str(input_path), result.path, ImportanceOptions(progress=progress),
-                       batch_size=batch_size, limit=limit, force=True)
+        imp = run_importance(result.adapter, str(input_path), result.path, ImportanceOptions(progress=progress),
+                             batch_size=batch_size, limit=limit, force=True)
     acc = "" if result.accuracy is None else f", accuracy {result.accuracy:.1%}"
     typer.echo(f"wrote {result.path}: {result.n_samples} images{acc}; {result.n_recorded} recorded in "
                f"{result.seconds:.1f} s ({result.images_per_second:.1f} img/s)"
                + (f"; {len(result.skipped)} input(s) skipped" if result.skipped else ""))
+    if imp is not None:
+        _echo_importance(result.path, imp)
 
 
 @app.command()
@@ -114,9 +117,13 @@ def importance(
     if result is None:
         typer.echo(f"{into}: head importance is up to date (same parameters; --force recomputes)")
         return
+    _echo_importance(into, result)
+
+
+def _echo_importance(path: Path, result) -> None:  # result: extractor.importance.ImportanceResult
     c = result.curves
     best = max(c.auc, key=c.auc.get)
-    typer.echo(f"{into}: head importance of {c.n_samples} input(s), targets = {c.target_source}s, {opts.ablation} "
+    typer.echo(f"{path}: head importance of {c.n_samples} input(s), targets = {c.target_source}s, {c.ablation} "
                f"ablation; base accuracy {c.base_accuracy:.1%}; best pruning AUC {best} {c.auc[best]:.3f} "
                f"(random {c.random.auc_mean:.3f} +- {c.random.auc_std:.3f})")
 

@@ -267,6 +267,7 @@ def test_cli_extract_with_importance_then_importance_command(env, tmp_path, caps
     code, stdout, err = cli(capsys, "extract", "--model", env / "vit", "--input", env / "imgs", "--out", out,
                             "--attributions", "none", "--batch-size", "2", "--no-progress", "--importance")
     assert code == 0, err
+    assert f"{out}: head importance of 5 input(s), targets = labels, zero ablation" in stdout
     with attnviz_open(out) as rec:
         names = set(rec.head_metrics())
         assert {"accuracy_drop", "loss_increase", "kl_divergence", "gradient_importance", "entropy",
