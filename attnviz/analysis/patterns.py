@@ -96,6 +96,8 @@ class PatternParams:
         max_maps: size of the stratified sample of (layer, head, image, query) maps.
         latent: size of the autoencoder's code.
         channels: channels of the two convolution layers.
+        train_maps: the autoencoder trains on a random subset of at most this many maps (all maps
+            are encoded); tens of thousands of small maps teach a network this size nothing more.
         epochs / patience: at most ``epochs``; stop after ``patience`` epochs without improvement.
         batch_size / lr: Adam minibatch and learning rate.
         clusters: "auto" (K by silhouette over ``k_range``) or a number K (KMeans); ignored by HDBSCAN.
@@ -112,7 +114,8 @@ class PatternParams:
     scale: str = "peak"
     max_maps: int = 50_000
     latent: int = 16
-    channels: tuple[int, int] = (16, 32)
+    channels: tuple[int, int] = (8, 16)
+    train_maps: int = 20_000
     epochs: int = 30
     patience: int = 3
     batch_size: int = 256
@@ -145,6 +148,8 @@ class PatternParams:
             raise InputError(f"k_range must be 2 <= low <= high, not {self.k_range}")
         if self.max_maps < 20:
             raise InputError(f"--max-maps must be at least 20, not {self.max_maps}")
+        if self.train_maps < 20:
+            raise InputError(f"train_maps must be at least 20, not {self.train_maps}")
         if not 1 <= self.latent <= 512:
             raise InputError(f"--latent must be between 1 and 512, not {self.latent}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -687,9 +692,12 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
     report("autoencoder", 0.0, "training the autoencoder")
     config = ae.AutoencoderConfig(height=values.shape[1], width=values.shape[2], latent=params.latent,
                                   channels=params.channels)
+    n_train = min(len(values), params.train_maps)
+    train = np.sort(np.random.default_rng(params.seed).choice(len(values), n_train, replace=False)) \
+        if n_train < len(values) else slice(None)
     try:
         net = ae.train_autoencoder(
-            values, prefix, masks, sel.query, config=config, epochs=params.epochs, patience=params.patience,
+            values[train], prefix[train], masks, sel.query[train], config=config, epochs=params.epochs, patience=params.patience,
             batch_size=params.batch_size, lr=params.lr, seed=params.seed, device=device, threads=threads,
             progress=lambda e, E, tl, vl: report("autoencoder", e / E, f"epoch {e}: loss {tl:.4g}, validation {vl:.4g}"),
             show_bar=show_bar)
@@ -732,7 +740,8 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
         "n_clusters": cl.n_clusters, "clusters_chosen_by": cl.chosen_by,
         "reconstruction_error": float(error.mean()), "mean_map_error": baseline,
         "explained": float(1 - error.mean() / baseline) if baseline > 0 else 1.0,
-        "epochs_run": len(net.train_loss), "best_epoch": net.best_epoch, "stopped_early": net.stopped_early,
+        "n_train_maps": int(n_train), "epochs_run": len(net.train_loss), "best_epoch": net.best_epoch,
+        "stopped_early": net.stopped_early,
         "device": net.device, "autoencoder": config.as_dict(),
         "seconds": {"read": t_read, "train": net.seconds, "umap": t_umap, "cluster": t_cluster},
     }
