@@ -172,7 +172,9 @@ def fig_pruning_curves(fractions: np.ndarray, curves: Mapping[str, np.ndarray], 
     fig.update_xaxes(title="fraction of heads pruned (least important first)", tickformat=".0%", range=[-0.02, 1.02])
     fig.update_yaxes(title=y_title)
     base_layout(fig, title=title, height=height or 420, width=width)
-    fig.update_layout(legend=dict(orientation="v", x=1.02, y=1, xanchor="left"), hovermode="x unified")
+    # traceorder normal: with a filled band plotly would list the legend bottom-up
+    fig.update_layout(legend=dict(orientation="v", x=1.02, y=1, xanchor="left", traceorder="normal"),
+                      hovermode="x unified")
     return fig
 
 
@@ -205,12 +207,12 @@ def fig_partial_pruning(fractions: np.ndarray, accuracy: np.ndarray, *, layer: i
     if base_accuracy is not None:
         fig.add_hline(y=base_accuracy, line=dict(color=RANDOM_COLOUR, dash="dash", width=1),
                       annotation_text="unablated", annotation_position="bottom left")
-    fig.update_xaxes(title="fraction p of each attention row kept (top-p, renormalised)", tickformat=".0%",
-                     autorange="reversed")
-    fig.update_yaxes(title=y_title)
+    fig.update_xaxes(title="kept fraction p of each attention row", tickformat=".0%", autorange="reversed",
+                     dtick=0.1 if len(p) <= 12 else None)
+    fig.update_layout(yaxis_title=y_title)  # not update_yaxes: that would rename the KL axis too
     base_layout(fig, title=title if title is not None else f"Layer {layer}, head {head}: partial pruning",
                 height=height or 340, width=width)
-    fig.update_layout(legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(legend=dict(orientation="h", x=1, xanchor="right", y=1.02, yanchor="bottom"))
     return fig
 
 

@@ -63,6 +63,7 @@ def test_partial_pruning():
     assert list(fig.data[0].x) == [1.0, 0.5, 0.1] and list(fig.data[0].y) == [0.9, 0.8, 0.2]
     assert fig.data[1].yaxis == "y2" and list(fig.data[1].y) == [0.0, 0.1, 1.2]
     assert fig.layout.xaxis.autorange == "reversed"
+    assert fig.layout.yaxis.title.text == "accuracy" and fig.layout.yaxis2.title.text == "KL divergence (nats)"
     assert "Layer 1, head 3" in fig.layout.title.text
     assert fig.layout.shapes[0].y0 == 0.9
 

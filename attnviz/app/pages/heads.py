@@ -262,4 +262,5 @@ def partial(data: Any):
     l, h = sel.layer, sel.head
     y = "accuracy" if c.target_source == "label" else "agreement"
     return fig_partial_pruning(c.partial_fractions, c.partial_accuracy[l, h], layer=l, head=h,
-                               base_accuracy=c.base_accuracy, kl=c.partial_kl[l, h], y_title=y)
+                               base_accuracy=c.base_accuracy, kl=c.partial_kl[l, h], y_title=y,
+                               title=f"Layer {l}, head {h}")
