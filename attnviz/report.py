@@ -292,8 +292,8 @@ def _model_card(rec: Recording, sample: int | None) -> ViewResult:
 def _inputs(rec: Recording, sample: int | None) -> ViewResult:
     from attnviz.app.views import thumbnail_page
 
-    fig = thumbnail_page(rec, colour_by="correctness", per_page=160, cols=16).figure
-    return fig.update_layout(title=dict(text=f"Inputs: first {min(rec.n_samples, 160)} of {rec.n_samples}", x=0.01))
+    return thumbnail_page(rec, colour_by="correctness", per_page=160, cols=16,
+                          title=f"Inputs: first {min(rec.n_samples, 160)} of {rec.n_samples}").figure
 
 
 def _explorer_head(rec: Recording) -> tuple[int, int]:

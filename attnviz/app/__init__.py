@@ -9,7 +9,8 @@ Modules:
     selection.py   the shared selection store {file, sample, layer, head, query}: resolve(), patch()
     ids.py         component ids (shell constants; page_id(prefix, name) for page components)
     components.py  graph() with PNG download, HeadGrid (the all-heads grid), message()
-    data.py        per-recording memo(), head-grid metrics (stored or estimated live)
+    data.py        per-recording memo()/lru(), head-grid metrics (stored or estimated live)
+    views.py       recording -> figure builders shared by pages and `attnviz report` (no Dash)
     shell.py       header, navigation, file picker, file banner
     server.py      serve() on waitress, sample_data_files()
     pages/         one file per page (overview.py = "/", explorer.py, ...)
@@ -53,6 +54,18 @@ How to add a page (e.g. ``attnviz/app/pages/heads.py``)
    plain functions in tests (after ``create_app([...])``, the page module is importable as
    ``attnviz.app.pages.<name>``).
 5. Static export: register views in :mod:`attnviz.report` (see its docstring).
+
+Pitfalls (found with browser tests; details in docs/dashboard.md's developer section):
+
+* A callback that OUTPUTS to ``ids.SELECTION`` must have only page-local Inputs (use
+  ``State(ids.SELECTION, "data")``), otherwise Dash fires it on other pages and logs
+  "A nonexistent object was used in an Input".
+* When Dash pages insert a page, its callbacks fire once with ALL inputs triggered, even with
+  ``prevent_initial_call=True``: guard store writers with ``components.user_triggered()``.
+* Import at module top: first-time imports from several server threads at once can race.
+* Build figures in one ``go.Figure(data=[...dicts], layout={...})`` call
+  (``attnviz.figures.make_figure``): ``add_shape``/``update_layout`` loops and named templates
+  cost 5-10x more.
 """
 
 from __future__ import annotations

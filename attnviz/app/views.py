@@ -246,7 +246,7 @@ def _colours(rec: Recording, idx: np.ndarray, colour_by: str) -> tuple[list[str]
 
 def thumbnail_page(rec: Recording, *, colour_by: str = "correctness", classes: Sequence[int] | None = None,
                    correctness: str = "all", page: int = 0, per_page: int = 160, cols: int = 16,
-                   selected: int | None = None, tile: int = 48) -> ThumbPage:
+                   selected: int | None = None, tile: int = 48, title: str | None = None) -> ThumbPage:
     """One page of the thumbnail grid (only that page's thumbnails are read).
 
     The page's mosaic is cached per recording (a few pages), so selecting another sample only
@@ -258,7 +258,7 @@ def thumbnail_page(rec: Recording, *, colour_by: str = "correctness", classes: S
     if base.mosaic is None:
         return ThumbPage(fig_message("No sample matches the filters."), 0, 1, 0)
     fig = fig_thumbnail_mosaic(base.mosaic, base.samples, cols=base.cols, tile=tile, hover=base.hover,
-                               selected=selected, legend=base.legend)
+                               selected=selected, legend=base.legend, title=title)
     return ThumbPage(fig, base.n_matching, base.n_pages, base.page)
 
 

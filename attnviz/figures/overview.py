@@ -113,8 +113,8 @@ def fig_thumbnail_mosaic(mosaic: np.ndarray, samples: Sequence[int], *, cols: in
         yaxis=dict(visible=False, range=[rows * tile + 2, -2], scaleanchor="x", constrain="domain"),
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), hovermode="closest", dragmode=False,
         clickmode="event"),
-        title=title, height=min(900, max(160, rows * tile + (80 if title else 50))),
-        margin=dict(l=10, r=10, b=10, t=50 if title else 20))
+        title=title, height=min(900, max(160, rows * tile + (110 if title else 50))),
+        margin=dict(l=10, r=10, b=10, t=80 if title else 20))
 
 
 def fig_model_card(items: Sequence[tuple[str, str]], *, title: str | None = "Model") -> go.Figure:

@@ -6,7 +6,7 @@ from typing import Any
 
 import dash
 import numpy as np
-from dash import Input, Output, State, callback, dcc, html, no_update
+from dash import Input, Output, callback, dcc, html, no_update
 
 from attnviz.app import ids
 from attnviz.app.components import HeadGrid, graph, message
