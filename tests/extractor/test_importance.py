@@ -62,6 +62,12 @@ def data(vit, images, labels):
     return prepare_eval_data(vit, batches(images), [labels[i:i + 4] for i in range(0, 10, 4)])
 
 
+@pytest.fixture(scope="module")
+def result(vit, sites, data):
+    """One full run shared by the tests that check its parts (3 pruning steps, 3 random orders)."""
+    return compute_importance(vit, sites, data, ImportanceOptions(progress=False, random_seeds=3, prune_steps=3))
+
+
 def zero_weights(model, heads):
     """Independent ablation: W_O columns of every (layer, head) in ``heads`` set to zero."""
     m = copy.deepcopy(model)
@@ -80,8 +86,8 @@ def outcome(model, px, labels):
     return float((z.argmax(1) == labels).mean()), float(-logp[np.arange(len(labels)), labels].mean()), logp
 
 
-def test_single_head_metrics_equal_manual_ablation(vit, sites, data, images, labels):
-    res = compute_importance(vit, sites, data, ImportanceOptions(progress=False, random_seeds=2))
+def test_single_head_metrics_equal_manual_ablation(vit, data, images, labels, result):
+    res = result
     acc0, loss0, logp0 = outcome(vit, images, labels)
     assert data.target_source == "label"
     assert res.curves.base_accuracy == pytest.approx(acc0) and res.curves.base_loss == pytest.approx(loss0, rel=1e-5)
@@ -160,8 +166,8 @@ def test_gradient_importance_is_the_finite_difference_gate_derivative(images, la
     assert attnviz_hooks(vit64) == [] and all(p.requires_grad for p in vit64.parameters())
 
 
-def test_pruning_curves_start_unablated_and_end_all_ablated(vit, sites, data, images, labels):
-    res = compute_importance(vit, sites, data, ImportanceOptions(progress=False, random_seeds=3, prune_steps=3))
+def test_pruning_curves_start_unablated_and_end_all_ablated(vit, images, labels, result):
+    res = result
     c = res.curves
     acc0, _, _ = outcome(vit, images, labels)
     acc_all, _, _ = outcome(zero_weights(vit, [(l, h) for l in range(L) for h in range(H)]), images, labels)
@@ -190,8 +196,8 @@ def test_partial_pruning_keep_one_reproduces_the_output_exactly(vit, sites, imag
                     assert torch.equal(vit(pixel_values=images).logits, base)
 
 
-def test_partial_pruning_curve(vit, sites, data, images, labels):
-    res = compute_importance(vit, sites, data, ImportanceOptions(progress=False, random_seeds=1, prune_steps=2))
+def test_partial_pruning_curve(vit, sites, data, images, labels, result):
+    res = result
     c = res.curves
     np.testing.assert_allclose(c.partial_fractions, [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
     assert c.partial_accuracy.shape == (L, H, 10)
