@@ -95,5 +95,13 @@ def test_click_head_then_patch_updates_the_map(dash_duo, rec_path):
     # back to the explorer: the selection (head and query) survived the page changes
     dash_duo.find_element("a.av-nav-link[href='/explorer']").click()
     _wait_title(dash_duo, "explorer-overlay", "L1 H2: query patch (2, 1)")
+
+    # the head slider follows the selection and moves it (keyboard on the slider thumb)
+    from selenium.webdriver.common.keys import Keys
+
+    thumb = dash_duo.find_element("#explorer-head [role=slider]")
+    assert thumb.get_attribute("aria-valuenow") == "2"
+    thumb.send_keys(Keys.ARROW_LEFT)
+    _wait_title(dash_duo, "explorer-overlay", "L1 H1: query patch (2, 1)")
     logs = dash_duo.get_logs()
     assert logs == [], "\n".join(l["message"][:300] for l in logs)
