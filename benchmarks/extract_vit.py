@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--image", type=int, default=224)
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--compression", default="lzf")
+    ap.add_argument("--compression", default="auto", help="as attnviz extract: auto = lzf on GPU, none on CPU")
     ap.add_argument("--repeat", type=int, default=3, help="(a) and (b) alternate this many times; best of each")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--skip-naive", action="store_true")

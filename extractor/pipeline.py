@@ -35,9 +35,13 @@ from extractor.adapters.base import class_names_of
 from extractor.device import resolve_device, resolve_dtype
 from extractor.inputs import InputSet, collect_images
 
-__all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "COMPRESSIONS", "TARGETS"]
+# adapter.input_kind -> function enumerating and checking the inputs of that kind
+INPUT_COLLECTORS = {"image": collect_images}
 
-COMPRESSIONS = ("lzf", "gzip", "none")
+__all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "resolve_compression", "COMPRESSIONS",
+           "TARGETS"]
+
+COMPRESSIONS = ("auto", "lzf", "gzip", "none")
 TARGETS = ("predicted", "label")
 # parameters that change what is recorded: a resumed run must use the same ones
 _RESUME_KEYS = ("model_class", "attributions", "target", "dtype")
@@ -57,7 +61,8 @@ class ExtractOptions:
         limit: record at most this many images.
         attributions: method names; None = every registered method; () = attention only.
         target: the class attributions explain: "predicted" or "label".
-        compression: "lzf" | "gzip" | "none".
+        compression: "auto" | "lzf" | "gzip" | "none"; "auto" = lzf when the model runs on a GPU, none
+            on the CPU (see :func:`resolve_compression`).
         overwrite / resume: replace an existing output / continue an interrupted one.
         progress: show a progress bar on stderr.
     """
@@ -72,7 +77,7 @@ class ExtractOptions:
     limit: int | None = None
     attributions: tuple[str, ...] | None = None
     target: str = "predicted"
-    compression: str = "lzf"
+    compression: str = "auto"
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
@@ -125,6 +130,19 @@ def parse_attributions(text: str | Sequence[str] | None) -> tuple[str, ...] | No
     return tuple(dict.fromkeys(parts))
 
 
+def resolve_compression(name: str, device: torch.device) -> str:
+    """``auto`` -> "lzf" on a GPU run, "none" on a CPU run; other names unchanged.
+
+    Why: float16 attention probabilities have noisy mantissas, so lzf shrinks maps by 0-20 % only, at
+    ~75 MB/s per core. On a GPU run the writer thread has a core to itself and compression is free; on a
+    CPU run torch already uses every core and lzf adds ~40 % CPU time to a ViT-S/16 extraction for no
+    gain in size (``benchmarks/extract_vit.py``, ``docs/extract.md``).
+    """
+    if name != "auto":
+        return name
+    return "lzf" if device.type == "cuda" else "none"
+
+
 def extract(opts: ExtractOptions) -> ExtractResult:
     """Record attention maps (and logits, thumbnails, masks, attributions) of every input.
 
@@ -147,6 +165,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     check_output_path(out, overwrite=opts.overwrite, resume=opts.resume)
     device = resolve_device(opts.device)
     autocast_dtype = resolve_dtype(opts.dtype, device)
+    compression = resolve_compression(opts.compression, device)
     methods = A.available() if opts.attributions is None else list(opts.attributions)
     for m in methods:
         A.get(m)
@@ -157,7 +176,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     arch = detect(config)
     if opts.family is not None and arch.family != opts.family:
         raise ModelError(f"{source.ref} is a {arch.model_class} ({arch.family} family), not a {opts.family} model")
-    inputs = collect_images(opts.input, class_names=class_names_of(config), limit=opts.limit)
+    adapter_cls = get_adapter(arch.family)
+    inputs = INPUT_COLLECTORS[adapter_cls.input_kind](opts.input, class_names=class_names_of(config), limit=opts.limit)
     if opts.target == "label":
         unlabelled = [it.id for it in inputs.items if it.label < 0]
         if unlabelled:
@@ -165,15 +185,15 @@ def extract(opts: ExtractOptions) -> ExtractResult:
                              f"(first: {unlabelled[0]})")
 
     # 3. model and file
-    adapter = get_adapter(arch.family).load(source, config, arch, device=device, autocast_dtype=autocast_dtype)
-    layout = adapter.layout
+    adapter = adapter_cls.load(source, config, arch, device=device, autocast_dtype=autocast_dtype)
+    layout = adapter.main_layout
     specs = [A.spec(m, layout=layout, target=opts.target) for m in methods]
     params = {
         "model": source.ref, "model_snapshot": str(source.path) if source.from_cache else None,
         "model_class": adapter.model_class,
         "input": str(opts.input), "limit": opts.limit, "attributions": methods, "target": opts.target,
         "dtype": opts.dtype, "device": device.type, "batch_size": opts.batch_size,
-        "compression": opts.compression, "torch": torch.__version__,
+        "compression": compression, "torch": torch.__version__,
     }
     if opts.resume:
         writer = RecordingWriter.resume(out, sample_ids=inputs.ids)
@@ -188,8 +208,9 @@ def extract(opts: ExtractOptions) -> ExtractResult:
             out, family=adapter.name, model_name=adapter.model_name, model_class=adapter.model_class,
             sample_ids=inputs.ids, stacks=adapter.stacks(), class_names=adapter.class_names,
             labels=np.array([it.label for it in inputs.items], np.int32),
-            thumbnail_shape=adapter.thumbnail_size, mask_shape=adapter.thumbnail_size if inputs.has_masks else None,
-            attributions=specs, batch_size=opts.batch_size, compression=opts.compression,
+            thumbnail_shape=adapter.thumbnail_size,
+            mask_shape=adapter.thumbnail_size if inputs.has_masks else None,
+            attributions=specs, batch_size=opts.batch_size, compression=compression,
             model_config=adapter.config_dict(), extraction_params=params,
             target_source="label" if inputs.has_labels else "prediction",
             skipped=inputs.skipped, overwrite=opts.overwrite,
@@ -234,6 +255,7 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
     n_todo = sum(stop - start for start, stop in todo)
     bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress)
     forward = adapter.logits_fn() if methods else None
+    main_kind, layout = adapter.stacks()[0].kind, adapter.main_layout
     # one thread reads and preprocesses the next batch while the model runs this one
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-prepare") as pool:
         pending: Future[Any] | None = pool.submit(adapter.prepare, items[todo[0][0]:todo[0][1]]) if todo else None
@@ -254,10 +276,10 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
                 targets = torch.as_tensor(target, dtype=torch.long, device=adapter.device)
                 px = batch.inputs["pixel_values"].to(adapter.device)
                 # rollout and friends read the maps as recorded (float16 -> float32 on the host)
-                attn32 = torch.from_numpy(maps[adapter.stacks()[0].kind]).float().numpy()
+                attn32 = torch.from_numpy(maps[main_kind]).float().numpy()
                 for m in methods:
                     attributions[m] = A.compute(m, forward=forward, pixel_values=px, targets=targets,
-                                                attentions=attn32, layout=adapter.layout)
+                                                attentions=attn32, layout=layout)
             writer.write(SampleBatch(start=start, attention=maps, predictions=predictions, logits=logits,
                                      lengths=out.lengths, labels=batch.labels, thumbnails=batch.thumbnails,
                                      masks=batch.masks, attributions=attributions))
@@ -272,7 +294,14 @@ def _progress(*, total: int, initial: int, enabled: bool) -> Any:
 
 
 def _store_head_stats(path: Path) -> None:
-    """Basic per-head statistics (``attnviz.analysis.head_stats``) stored into the finished file."""
+    """Basic per-head statistics (``attnviz.analysis.head_stats``) stored into the finished file.
+
+    The recording is complete at this point: a failure here is a warning, not a lost run.
+    """
     from attnviz.analysis.head_stats import compute_and_store
 
-    compute_and_store(path)
+    try:
+        compute_and_store(path)
+    except Exception as e:  # noqa: BLE001 - reported, and `attnviz analyze` can redo it
+        print(f"warning: per-head statistics failed ({type(e).__name__}: {e}); run `attnviz analyze {path}`",
+              file=sys.stderr)

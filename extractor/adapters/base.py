@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import numpy as np
 
 from attnviz.errors import InputError, ModelError
-from attnviz.store.schema import StackSpec
+from attnviz.store.schema import StackSpec, TokenLayout
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -264,8 +264,11 @@ class Adapter(ABC):
     """
 
     name: ClassVar[str]
-    #: what one input is: "image" (vit), later "audio" (s2t), "image+prompt" (lvlm)
+    #: what one input is: "image" (vit), later "audio" (s2t), "image+prompt" (lvlm); the pipeline
+    #: picks the input collector by this name
     input_kind: ClassVar[str] = "image"
+    #: (height, width) of the stored thumbnails, or None for inputs without one (audio)
+    thumbnail_size: tuple[int, int] | None = None
 
     def __init__(self, *, model: Any, config: Any, arch: ArchitectureSpec, source: ModelSource,
                  device: torch.device, autocast_dtype: torch.dtype | None) -> None:
@@ -305,7 +308,8 @@ class Adapter(ABC):
         """One :class:`StackSpec` (with its :class:`TokenLayout`) per attention kind recorded."""
 
     @property
-    def main_layout(self):  # -> TokenLayout
+    def main_layout(self) -> TokenLayout:
+        """Token layout of the first stack (what attributions and rollout use)."""
         return self.stacks()[0].layout
 
     # per batch

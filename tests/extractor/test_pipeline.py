@@ -16,7 +16,7 @@ from PIL import Image
 import attnviz
 from attnviz.errors import InputError
 from extractor.adapters.vit import VitAdapter
-from extractor.pipeline import ExtractOptions, extract, parse_attributions
+from extractor.pipeline import ExtractOptions, extract, parse_attributions, resolve_compression
 from tests.helpers import save_tiny_model, write_images
 
 NAMES = ["circle/a.png", "circle/b.png", "square/c.png", "triangle/d.png", "e.png"]
@@ -261,3 +261,16 @@ def test_interrupt_then_resume_equals_uninterrupted_run(data, tmp_path, monkeypa
     for name in ref:
         assert np.array_equal(got[name], ref[name]), name
     assert got_attrs == ref_attrs
+
+
+def test_auto_compression_is_lzf_on_gpu_and_none_on_cpu(data, tmp_path):
+    assert resolve_compression("auto", torch.device("cuda")) == "lzf"
+    assert resolve_compression("auto", torch.device("cpu")) == "none"
+    assert resolve_compression("gzip", torch.device("cpu")) == "gzip"
+    out = run(data, tmp_path / "r.h5", compression="auto")
+    with h5py.File(out, "r") as f:
+        assert f["attention/self/maps"].compression is None
+        assert json.loads(f.attrs["extraction_params"])["compression"] == "none"
+    out = run(data, tmp_path / "g.h5", compression="gzip")
+    with h5py.File(out, "r") as f:
+        assert f["attention/self/maps"].compression == "gzip"
