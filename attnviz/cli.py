@@ -54,8 +54,9 @@ def extract(
                                      "(saliency, integrated_gradients, occlusion, rollout), 'all', or 'none' "
                                      "for attention only."),
     target: str = typer.Option("predicted", "--target", help="Class the attributions explain: predicted or label."),
-    compression: str = typer.Option("lzf", "--compression", help="HDF5 compression: lzf (fast), gzip (smaller) "
-                                    "or none."),
+    compression: str = typer.Option("auto", "--compression", help="HDF5 compression: auto (lzf on a GPU run, "
+                                    "none on the CPU, where lzf costs CPU time and attention maps hardly "
+                                    "compress), lzf, gzip (smaller, slower) or none."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (<out>.partial) with the "
                                 "same options."),
