@@ -143,7 +143,8 @@ class EvalData:
 
     @property
     def base_loss(self) -> float:
-        return sum(float(-lp.gather(-1, t[:, None]).sum()) for lp, t in zip(self.base_logp, self.targets)) / self.n_samples
+        total = sum(float(-lp.gather(-1, t[:, None]).sum()) for lp, t in zip(self.base_logp, self.targets))
+        return total / self.n_samples
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,8 @@ def _first_layers(values: np.ndarray, untouched: float | bool) -> np.ndarray:
 
 
 def _evaluate(model: nn.Module, sites: HeadSites, data: EvalData, first_layers: np.ndarray,
-              intervene: Callable[[np.ndarray, int], ContextManager[Any]], *, logits_fn: LogitsFn, max_rows: int,
+              intervene: Callable[[np.ndarray, int], ContextManager[Any]], *, logits_fn: LogitsFn,
+              max_rows: int | None,
               forward_context: Callable[[], ContextManager[Any]], bar: _Bar | None) -> EvalResult:
     """Evaluate interventions ``chunk`` at a time on ``chunk`` copies of each batch.
 
@@ -288,7 +290,7 @@ def _evaluate(model: nn.Module, sites: HeadSites, data: EvalData, first_layers: 
     """
     device = _device(model)
     n = len(first_layers)
-    chunk = max(1, max_rows // data.max_batch)
+    chunk = max(1, (max_rows or auto_max_rows(device)) // data.max_batch)
     sums = np.zeros((3, n), np.float64)
     noop = first_layers >= sites.n_layers
     m = data.n_samples
@@ -323,14 +325,15 @@ def _evaluate(model: nn.Module, sites: HeadSites, data: EvalData, first_layers: 
 
 def evaluate_ablations(model: nn.Module, sites: HeadSites, data: EvalData, masks: np.ndarray | torch.Tensor, *,
                        replacement: torch.Tensor | None = None, logits_fn: LogitsFn = default_logits_fn,
-                       max_rows: int = 256, forward_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+                       max_rows: int | None = None,
+                       forward_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
                        bar: _Bar | None = None) -> EvalResult:
     """Accuracy, loss and KL with each head set of ``masks`` ablated, many per forward.
 
     Args:
         masks: bool ``[K, layer, head]``, True = ablated.
         replacement: None (zero ablation) or the heads' mean outputs (see :func:`ablate_heads`).
-        max_rows: rows (ablations x samples) per forward.
+        max_rows: rows (ablations x samples) per forward; None = :func:`auto_max_rows`.
 
     Returns:
         :class:`EvalResult` with ``[K]`` arrays.
@@ -366,7 +369,7 @@ def evaluate_ablations_loop(model: nn.Module, sites: HeadSites, data: EvalData, 
 
 
 def evaluate_partial(model: nn.Module, sites: HeadSites, data: EvalData, keep: np.ndarray | torch.Tensor, *,
-                     logits_fn: LogitsFn = default_logits_fn, max_rows: int = 256,
+                     logits_fn: LogitsFn = default_logits_fn, max_rows: int | None = None,
                      forward_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
                      bar: _Bar | None = None) -> EvalResult:
     """Accuracy, loss and KL under partial pruning, many settings per forward.
@@ -464,7 +467,8 @@ def single_head_masks(shape: tuple[int, int]) -> np.ndarray:
 # -- the whole run --------------------------------------------------------------------------------
 
 
-def compute_importance(model: nn.Module, sites: HeadSites, data: EvalData, options: ImportanceOptions = ImportanceOptions(),
+def compute_importance(model: nn.Module, sites: HeadSites, data: EvalData,
+                       options: ImportanceOptions = ImportanceOptions(),
                        *, extra_metrics: Mapping[str, tuple[np.ndarray, bool]] | None = None,
                        logits_fn: LogitsFn = default_logits_fn, stack_kind: str = "self",
                        forward_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> ImportanceResult:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from dash import no_update
 
-import attnviz
 from attnviz.analysis import importance as A
 from attnviz.app import create_app
 from attnviz.store.cache import save_analysis, write_head_metric
