@@ -223,3 +223,22 @@ def test_registry_reopens_a_file_rewritten_by_another_process(app, rec_path):
     second = get_recording("run.h5")
     assert second is not first and first.closed
     assert "entropy" in second.head_metrics()
+
+
+def test_folders_expand_to_their_recordings_and_names_stay_unique(tmp_path):
+    from attnviz.app.registry import FileRegistry, expand_paths
+    from attnviz.errors import InputError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    r1 = make_recording(tmp_path / "a" / "run.h5", n_samples=2)
+    r2 = make_recording(tmp_path / "b" / "run.h5", n_samples=2)
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    assert expand_paths([tmp_path / "a"]) == [r1]
+    reg = FileRegistry([tmp_path / "a", r2, r1])  # r1 twice: once
+    assert reg.keys() == ["run.h5", "run.h5~2"]
+    assert reg.entry("run.h5~2").path == r2.resolve()
+    with pytest.raises(InputError, match="no .h5"):
+        expand_paths([tmp_path / "empty"] if (tmp_path / "empty").mkdir() is None else [])
+    with pytest.raises(InputError, match="no such file"):
+        FileRegistry([tmp_path / "missing.h5"])
