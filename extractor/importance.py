@@ -607,7 +607,7 @@ def run_importance(adapter: Any, input_path: str, into: Any, options: Importance
 
     Args:
         adapter: a loaded :class:`extractor.adapters.Adapter` (e.g. ``ExtractResult.adapter``).
-        input_path: image, folder or manifest (:func:`extractor.inputs.collect_images`).
+        input_path: inputs as for ``attnviz extract`` (images: an image, folder or manifest).
         into: a complete recording of the same model (its stack shape must match).
         batch_size: samples per (unreplicated) batch.
         limit: use the first N inputs.
@@ -623,7 +623,7 @@ def run_importance(adapter: Any, input_path: str, into: Any, options: Importance
     import attnviz
     from attnviz.store.cache import load_analysis
     from extractor.hooks import find_output_projections
-    from extractor.inputs import collect_images
+    from extractor.pipeline import INPUT_COLLECTORS
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
@@ -635,7 +635,7 @@ def run_importance(adapter: Any, input_path: str, into: Any, options: Importance
         if rec.stack_shape(kind) != sites.shape:
             raise InputError(f"{into} records {rec.stack_shape(kind)[0]}x{rec.stack_shape(kind)[1]} heads, the model "
                              f"has {sites.n_layers}x{sites.n_heads}: give the recording of this model")
-    inputs = collect_images(input_path, class_names=adapter.class_names, limit=limit)
+    inputs = INPUT_COLLECTORS[adapter.input_kind](input_path, class_names=adapter.class_names, limit=limit)
     extra = {"model": adapter.source.ref, "input": str(input_path), "limit": limit, "kind": kind}
     items = inputs.items
     source = "label" if all(it.label >= 0 for it in items) else "prediction"
