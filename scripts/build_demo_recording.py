@@ -6,7 +6,7 @@ masks as PNG files and a JSONL manifest (class-name labels) into a temporary fol
 real ``attnviz extract`` pipeline over that manifest with every attribution method. Deterministic:
 the same arguments rebuild the same datasets (only the ``created`` attribute differs).
 
-    python scripts/build_demo_recording.py                  # 256 images -> sample_data/shapes-demo.h5
+    python scripts/build_demo_recording.py                  # 200 images -> sample_data/shapes-demo.h5
     attnviz info sample_data/shapes-demo.h5
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -50,11 +51,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / "sample_data" / "models" / "shapes-vit")
     ap.add_argument("--out", type=Path, default=ROOT / "sample_data" / "shapes-demo.h5")
-    ap.add_argument("--n", type=int, default=256, help="held-out images to record")
+    ap.add_argument("--n", type=int, default=200, help="held-out images to record")
     ap.add_argument("--seed", type=int, default=DEMO_SEED)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--compression", default="gzip", help="gzip: the smallest file for the repository")
     ap.add_argument("--attributions", default="all")
+    ap.add_argument("--max-maps", type=int, default=8000, help="maps sampled for the pattern atlas (its cache holds their reconstructions: keep sample_data small)")
     args = ap.parse_args()
 
     import torch
@@ -69,6 +71,12 @@ def main() -> None:
         result = extract(ExtractOptions(model=str(args.model), input=str(manifest), out=str(args.out), device="cpu",
                                         batch_size=args.batch_size, attributions=parse_attributions(args.attributions),
                                         compression=args.compression, overwrite=True))
+        # every page of the dashboard has its data: head importance (needs the model and the inputs),
+        # then spatial profiles and the pattern atlas (from the recorded maps)
+        attnviz = [sys.executable, "-m", "attnviz"]
+        subprocess.run([*attnviz, "importance", "--model", str(args.model), "--input", str(manifest),
+                        "--into", str(args.out), "--device", "cpu", "--force"], check=True)
+    subprocess.run([*attnviz, "analyze", str(args.out), "--patterns", "--max-maps", str(args.max_maps)], check=True)
     total = sum(p.stat().st_size for p in (ROOT / "sample_data").rglob("*") if p.is_file())
     print(f"wrote {result.path}: {result.n_samples} images, accuracy {result.accuracy:.1%}, "
           f"{result.path.stat().st_size / 2**20:.1f} MB; sample_data/ now {total / 2**20:.1f} MB "
