@@ -190,8 +190,13 @@ def test_ctrl_c_in_a_real_process_then_resume_equals_uninterrupted(env, tmp_path
     common = ["--model", str(env / "vit"), "--input", str(imgs), "--batch-size", "2", "--attributions",
               "saliency,integrated_gradients,rollout"]
     out = tmp_path / "run.h5"
+    # each batch is slowed down (a sleep per attribution call) so that the interrupt lands mid-run however
+    # fast the machine is; what is written does not depend on the delay
+    slow_main = ("import time, extractor.attributions as A; compute = A.compute\n"
+                 "def slow(*a, **k):\n    time.sleep(0.3)\n    return compute(*a, **k)\n"
+                 "A.compute = slow\nfrom attnviz.cli import main; main()")
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from attnviz.cli import main; main()", "extract", *common, "--out", str(out)],
+        [sys.executable, "-c", slow_main, "extract", *common, "--out", str(out)],
         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     seen: list[str] = []
 
