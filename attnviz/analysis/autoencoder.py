@@ -215,7 +215,9 @@ def train_autoencoder(
     try:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        model = ConvAutoencoder(config).to(device)
+        model = ConvAutoencoder(config)
+        _init_output_bias(model, values, prefix, mask_table, mask_index)
+        model = model.to(device)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         perm = torch.randperm(n, generator=gen).numpy()
         n_val = int(round(n * val_fraction)) if n >= 20 else 0
@@ -274,6 +276,28 @@ def train_autoencoder(
         return result
     finally:
         torch.set_num_threads(old_threads)
+
+
+@torch.no_grad()
+def _init_output_bias(model: ConvAutoencoder, values: np.ndarray, prefix: np.ndarray, mask_table: np.ndarray,
+                      mask_index: np.ndarray) -> None:
+    """Start the decoder's outputs at the data's mean (through the sigmoid), not at 0.5.
+
+    Attention maps are sparse (most values near 0); from 0.5, the first large steps drive the
+    sigmoid into saturation where the squared error has no gradient left, and the network outputs
+    zeros for ever (seen here on 27x27 maps at lr 2e-3).
+    """
+    m = np.asarray(mask_table, np.float64)[np.asarray(mask_index)[:4096]]
+    v = np.asarray(values[:4096], np.float64)
+    mean_map = float((v * m).sum() / max(m.sum(), 1.0))
+    mean_prefix = float(np.mean(prefix[:4096])) if len(prefix) else 0.5
+
+    def logit(p: float) -> float:
+        p = min(max(p, 1e-3), 1 - 1e-3)
+        return math.log(p / (1 - p))
+
+    model.decoder[-1].bias.fill_(logit(mean_map))
+    model.from_latent.bias[-1] = logit(mean_prefix)
 
 
 @torch.no_grad()

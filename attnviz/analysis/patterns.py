@@ -392,12 +392,13 @@ class Clustering:
 
 def cluster_latents(latent: np.ndarray, *, method: str = "kmeans", clusters: str | int = "auto",
                     k_range: tuple[int, int] = (2, 12), min_cluster_size: int | None = None, seed: int = 0,
-                    silhouette_sample: int = 4000) -> Clustering:
+                    silhouette_sample: int = 4000, scan_sample: int = 10000) -> Clustering:
     """Cluster latent codes ``[n, d]`` (scikit-learn).
 
-    ``kmeans`` with ``clusters="auto"``: KMeans for every K in ``k_range`` (capped at n-1), keeping the K
-    with the highest mean silhouette (Rousseeuw 1987) on a random subsample of ``silhouette_sample``
-    codes; with a number: KMeans with that K. ``hdbscan``: sklearn's HDBSCAN (Campello et al. 2013),
+    ``kmeans`` with ``clusters="auto"``: KMeans for every K in ``k_range`` (capped at n-1) on a random
+    subsample of ``scan_sample`` codes, keeping the K with the highest mean silhouette (Rousseeuw 1987)
+    on ``silhouette_sample`` of them; then KMeans with that K on all codes. With a number: KMeans with
+    that K. ``hdbscan``: sklearn's HDBSCAN (Campello et al. 2013),
     noise labelled -1, centroids the mean code of each cluster. Labels are renumbered by cluster size.
     """
     from sklearn.cluster import HDBSCAN, KMeans
@@ -420,20 +421,20 @@ def cluster_latents(latent: np.ndarray, *, method: str = "kmeans", clusters: str
             hi = min(hi, n - 1)
             lo = min(lo, hi)
             ks = np.arange(lo, hi + 1, dtype=np.int32)
-            best = (-np.inf, None)
+            rng = np.random.default_rng(seed)
+            scan = latent[np.sort(rng.choice(n, scan_sample, replace=False))] if n > scan_sample else latent
             fits = []
             for k in ks:
-                km = KMeans(n_clusters=int(k), n_init=3, random_state=seed).fit(latent)
-                s = silhouette_score(latent, km.labels_, sample_size=min(n, silhouette_sample), random_state=seed) \
-                    if len(np.unique(km.labels_)) > 1 else -1.0
+                labels_k = KMeans(n_clusters=int(k), n_init=3, random_state=seed).fit_predict(scan)
+                s = silhouette_score(scan, labels_k, sample_size=min(len(scan), silhouette_sample),
+                                     random_state=seed) if len(np.unique(labels_k)) > 1 else -1.0
                 fits.append(float(s))
-                if s > best[0]:
-                    best = (s, km)
             scores = np.asarray(fits, np.float32)
-            km = best[1]
+            k_best = int(ks[int(np.argmax(scores))])
             chosen_by = "silhouette"
         else:
-            km = KMeans(n_clusters=min(int(clusters), n), n_init=3, random_state=seed).fit(latent)
+            k_best = min(int(clusters), n)
+        km = KMeans(n_clusters=k_best, n_init=3, random_state=seed).fit(latent)
         labels = km.labels_
     labels = np.asarray(labels, np.int64)
     present = np.unique(labels[labels >= 0])
@@ -643,7 +644,7 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
         raise InputError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {device!r}")
     report = progress or (lambda stage, frac, msg: None)
-    t_start = time.perf_counter()
+    clock = _Clock()
     with attnviz.open(path) as rec:
         kind = pattern_kind(rec, params.kind)
         key = params.cache_key(kind, rec.n_samples)
@@ -665,21 +666,21 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
         if rec.n_samples == 0:
             raise InputError(f"{rec.path}: the recording has no samples")
         sel = stratified_sample(rec.n_samples, n_layers, n_heads, n_queries, params.max_maps, params.seed)
-        bar = _bar(show_bar, rec.n_samples, "reading maps", "image")
+        n_images = len(np.unique(sel.sample))
+        bar = _bar(show_bar, n_images, "reading maps", "image")
         seen = [0]
 
         def read_progress(frac: float) -> None:
             report("maps", frac, f"read {frac:.0%} of the images")
             if bar is not None:
-                n_now = int(round(frac * len(np.unique(sel.sample))))
+                n_now = int(round(frac * n_images))
                 bar.update(n_now - seen[0])
                 seen[0] = n_now
 
-        t0 = time.perf_counter()
-        values, prefix = collect_maps(rec, sel, kind, params.mode, params.scale, progress=read_progress)
+        with clock("read"):
+            values, prefix = collect_maps(rec, sel, kind, params.mode, params.scale, progress=read_progress)
         if bar is not None:
             bar.close()
-        t_read = time.perf_counter() - t0
         n_prefix = layout.n_prefix
         rec_path = rec.path
     if len(values) < 20:
@@ -696,6 +697,7 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
     train = np.sort(np.random.default_rng(params.seed).choice(len(values), n_train, replace=False)) \
         if n_train < len(values) else slice(None)
     try:
+        clock.start("train")
         net = ae.train_autoencoder(
             values[train], prefix[train], masks, sel.query[train], config=config, epochs=params.epochs, patience=params.patience,
             batch_size=params.batch_size, lr=params.lr, seed=params.seed, device=device, threads=threads,
@@ -705,20 +707,21 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
         if "CUDA" in str(e):
             raise InputError(str(e).splitlines()[0]) from None
         raise
-    latent = net.encode(values, prefix, masks, sel.query)
-    recon, recon_prefix = net.decode(latent)
-    error = masked_errors(values, prefix, recon, recon_prefix, masks, sel.query)
-    baseline = _mean_map_error(values, prefix, masks, sel.query)
+    clock.stop("train")
+    with clock("encode"):
+        latent = net.encode(values, prefix, masks, sel.query)
+        recon, recon_prefix = net.decode(latent)
+        error = masked_errors(values, prefix, recon, recon_prefix, masks, sel.query)
+        baseline = _mean_map_error(values, prefix, masks, sel.query)
 
     # UMAP (imported only here; its first call compiles with numba)
     report("umap", 0.0, "UMAP of the latent codes")
-    t0 = time.perf_counter()
-    embedding = _umap(latent, params)
-    t_umap = time.perf_counter() - t0
+    with clock("umap"):
+        embedding = _umap(latent, params)
     report("umap", 1.0, "UMAP done")
 
     report("clusters", 0.0, "clustering")
-    t0 = time.perf_counter()
+    clock.start("cluster")
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(threads or default_threads()):
@@ -731,7 +734,7 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
     dominant = np.argmax(mix, -1).astype(np.int32)
     z, order = order_heads(mix, noise if params.method == "hdbscan" else None)
     head_error = _per_head_mean(error, sel.layer, sel.head, n_layers, n_heads)
-    t_cluster = time.perf_counter() - t0
+    clock.stop("cluster")
     report("clusters", 1.0, f"{cl.n_clusters} clusters")
 
     summary = {
@@ -743,7 +746,7 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
         "n_train_maps": int(n_train), "epochs_run": len(net.train_loss), "best_epoch": net.best_epoch,
         "stopped_early": net.stopped_early,
         "device": net.device, "autoencoder": config.as_dict(),
-        "seconds": {"read": t_read, "train": net.seconds, "umap": t_umap, "cluster": t_cluster},
+        "seconds": clock.wall, "cpu_seconds": clock.cpu,
     }
     arrays: dict[str, np.ndarray] = {
         "sample": sel.sample.astype(np.int32), "layer": sel.layer.astype(np.int16), "head": sel.head.astype(np.int16),
@@ -757,7 +760,7 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
     }
     for name, w in net.weights().items():
         arrays[f"weights/{name}"] = w
-    summary["seconds"]["total"] = time.perf_counter() - t_start
+    clock.total()
     report("save", 0.0, "saving into the recording")
     save_analysis(rec_path, ANALYSIS_NAME, key, arrays, attrs={"summary": summary})
     report("save", 1.0, "saved")
@@ -863,6 +866,38 @@ def default_threads() -> int:
     except OSError:
         busy = 0.0
     return int(max(1, min(cores, round(cores - busy))))
+
+
+class _Clock:
+    """Wall and CPU seconds (all threads of this process) per stage; ``total()`` adds both totals."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._t0 = (time.perf_counter(), time.process_time())
+        self._open: dict[str, tuple[float, float]] = {}
+
+    def start(self, stage: str) -> None:
+        self._open[stage] = (time.perf_counter(), time.process_time())
+
+    def stop(self, stage: str) -> None:
+        w, c = self._open.pop(stage)
+        self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - w
+        self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - c
+
+    def __call__(self, stage: str) -> "_Clock":
+        self._stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        self.start(self._stage)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(self._stage)
+
+    def total(self) -> None:
+        self.wall["total"] = time.perf_counter() - self._t0[0]
+        self.cpu["total"] = time.process_time() - self._t0[1]
 
 
 def _umap(latent: np.ndarray, params: PatternParams) -> np.ndarray:
