@@ -424,3 +424,18 @@ def test_cli_analyze_patterns(atlas_file: tuple[Path, pt.PatternAtlas], tmp_path
         with pytest.raises(SystemExit) as e:
             main(["analyze", str(path), "--no-spatial", "--patterns", *bad])
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_module_entry_point_prints_progress_as_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m attnviz.analysis.patterns FILE`` (what the dashboard's compute button runs)."""
+    import json
+
+    path = make_recording(tmp_path / "small.h5", n_samples=3, n_layers=1, n_heads=2, grid=(3, 3))
+    assert pt._main([str(path), "--clusters", "2", "--device", "cpu"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {m["stage"] for m in lines[:-1]} >= {"maps", "autoencoder", "umap", "clusters", "save"}
+    assert lines[-1] == {"done": True, "reused": False, "n_maps": 3 * 2 * 9, "n_clusters": 2}
+    with attnviz.open(path) as rec:
+        assert pt.load_atlas(rec).n_clusters == 2
+    assert pt._main([str(tmp_path / "missing.h5")]) == 2
+    assert "no such file" in json.loads(capsys.readouterr().out.splitlines()[-1])["error"]

@@ -276,3 +276,44 @@ def test_report_views_of_the_atlas(analysed: Path, tmp_path: Path) -> None:
     plain = make_recording(tmp_path / "plain.h5", n_samples=2)
     with attnviz.open(plain) as rec:
         assert collect_figures(rec, samples=[0], views=views) == []        # skipped without an atlas
+
+
+def _run_job(PG: Any, path: Path, script: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Any]:
+    """Press "compute" with ``script`` standing in for the computation; poll until it ends."""
+    import sys
+
+    monkeypatch.setattr(PG, "job_command", lambda p: [sys.executable, "-c", script, p])
+    PG._JOBS.clear()
+    disabled, text = PG.compute(1, _sel(path))
+    assert disabled is False and text
+    for _ in range(100):
+        text, disabled, reload = PG.progress(1, _sel(path))
+        if disabled:
+            return text, reload
+        time.sleep(0.1)
+    raise AssertionError("the job did not end")
+
+
+def test_compute_button_runs_the_job_and_reloads_when_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make_recording(tmp_path / "raw.h5", n_samples=2, n_layers=1, n_heads=2, grid=(2, 2))
+    PG = _page(path)
+    assert PG.compute_box(_sel(path)) == {}                                  # no atlas: the button shows
+    assert PG.job_command(str(path))[1:] == ["-m", "attnviz.analysis.patterns", str(path)]
+    ok = ("import json, sys, time\n"
+          "assert sys.argv[1].endswith('raw.h5')\n"
+          "print(json.dumps({'stage': 'autoencoder', 'fraction': 0.5, 'message': 'epoch 3'}), flush=True)\n"
+          "time.sleep(0.3)\n"
+          "print(json.dumps({'done': True, 'reused': False, 'n_maps': 16, 'n_clusters': 2}), flush=True)\n")
+    text, reload = _run_job(PG, path, ok, monkeypatch)
+    assert text == "done: 16 maps, 2 clusters" and reload == "/patterns"
+    bad = "import json; print(json.dumps({'error': 'the recording is incomplete'}), flush=True); raise SystemExit(2)"
+    text, reload = _run_job(PG, path, bad, monkeypatch)
+    assert text == "failed: the recording is incomplete" and reload is no_update
+    crash = "import sys; sys.stderr.write('Traceback...\\nMemoryError\\n'); raise SystemExit(1)"
+    text, reload = _run_job(PG, path, crash, monkeypatch)
+    assert text == "failed (exit code 1): MemoryError" and reload is no_update
+
+
+def test_compute_box_hidden_when_the_atlas_exists(analysed: Path) -> None:
+    PG = _page(analysed)
+    assert PG.compute_box(_sel(analysed)) == {"display": "none"}

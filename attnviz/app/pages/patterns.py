@@ -15,6 +15,11 @@ dendrogram) or on a map in the scatter selects that head (and image) everywhere.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import threading
+from collections import deque
 from typing import Any
 
 import dash
@@ -65,6 +70,11 @@ GRID = ids.page_id(P, "grid")
 MIX = ids.page_id(P, "mix")
 DENDROGRAM = ids.page_id(P, "dendrogram")
 TRAINING = ids.page_id(P, "training")
+COMPUTE = ids.page_id(P, "compute")
+COMPUTE_BOX = ids.page_id(P, "compute-box")
+JOB_STATUS = ids.page_id(P, "job-status")
+TICK = ids.page_id(P, "tick")
+RELOAD = ids.page_id(P, "reload")
 
 #: maps shown in full at once (raw, input, reconstruction)
 MAX_SHOWN = 6
@@ -89,6 +99,11 @@ def layout(**_kwargs: Any) -> html.Div:
     return html.Div([
         html.H2("Attention pattern atlas"),
         html.Div(id=STATUS),
+        html.Div([html.Button("compute the atlas now", id=COMPUTE, className="av-button"),
+                  html.Span(id=JOB_STATUS, className="av-note", style={"marginLeft": "12px"})],
+                 id=COMPUTE_BOX, className="av-row", style={"display": "none"}),
+        dcc.Interval(id=TICK, interval=1000, disabled=True),
+        dcc.Location(id=RELOAD, refresh=True),
         html.Div(id=SUMMARY, className="av-note"),
         dcc.Store(id=SCATTER_KEY),
         dcc.Store(id=PICKED),
@@ -371,3 +386,123 @@ def select_from_grid(click: Any, order: str | None, data: Any):
 for _graph in HEAD_GRAPHS:
     callback(Output(ids.SELECTION, "data", allow_duplicate=True), Input(_graph, "clickData"),
              prevent_initial_call=True)(select_head)
+
+
+# -- the "compute" button: `python -m attnviz.analysis.patterns FILE` in a subprocess ---------------------
+# The server never imports torch or umap: the computation runs in its own process, which prints one
+# JSON line per progress step; a reader thread keeps the last one. One job per file at a time.
+
+
+class Job:
+    """A running (or finished) computation of one file's atlas. (A plain class: Dash executes page
+    modules without registering them in ``sys.modules``, which ``dataclasses`` needs.)"""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.last: dict[str, Any] = {}
+        self.result: dict[str, Any] | None = None
+        self.stderr: deque = deque(maxlen=20)
+
+    def start_reader(self) -> None:
+        def read_stdout() -> None:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if "done" in msg or "error" in msg:
+                    self.result = msg
+                else:
+                    self.last = msg
+
+        def read_stderr() -> None:
+            for line in self.proc.stderr:  # type: ignore[union-attr]
+                self.stderr.append(line.rstrip())
+
+        self._reader = threading.Thread(target=read_stdout, daemon=True)
+        self._reader.start()
+        threading.Thread(target=read_stderr, daemon=True).start()
+
+    def describe(self) -> str:
+        if self.result is not None:
+            if "error" in self.result:
+                return f"failed: {self.result['error']}"
+            return f"done: {self.result.get('n_maps')} maps, {self.result.get('n_clusters')} clusters"
+        if self.proc.poll() is not None:
+            tail = next((l for l in reversed(self.stderr) if l.strip()), "")
+            return f"failed (exit code {self.proc.returncode}){': ' + tail if tail else ''}"
+        if not self.last:
+            return "starting (loading torch and the recording)..."
+        return f"{self.last.get('stage', '')} {float(self.last.get('fraction', 0)):.0%}: {self.last.get('message', '')}"
+
+
+_JOBS: dict[str, Job] = {}
+_JOBS_LOCK = threading.Lock()
+
+
+def job_command(path: str) -> list[str]:
+    """The command a compute button runs (replaceable in tests)."""
+    return [sys.executable, "-m", "attnviz.analysis.patterns", path]
+
+
+def start_job(key: str, path: str) -> Job:
+    """Start computing the atlas of ``path`` (registry ``key``), or return the job already running."""
+    with _JOBS_LOCK:
+        job = _JOBS.get(key)
+        if job is not None and job.proc.poll() is None:
+            return job
+        proc = subprocess.Popen(job_command(path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                bufsize=1)
+        job = Job(proc)
+        job.start_reader()
+        _JOBS[key] = job
+        return job
+
+
+def job_state(key: str | None) -> tuple[str, bool, bool]:
+    """(text for the page, still running, finished well) of the file's job; ("", False, False) when none."""
+    job = _JOBS.get(key) if key else None
+    if job is None:
+        return "", False, False
+    if job.proc.poll() is not None:
+        job._reader.join(timeout=2)  # the last lines
+    running = job.proc.poll() is None
+    ok = not running and job.result is not None and bool(job.result.get("done"))
+    return job.describe(), running, ok
+
+
+@callback(Output(COMPUTE_BOX, "style"), Input(ids.SELECTION, "data"))
+def compute_box(data: Any):
+    """Show the compute button only when the file has no atlas (and could have one)."""
+    sel, rec, atlas, problem = _resolve(data)
+    if problem and problem.startswith("No pattern atlas"):
+        return {}
+    return {"display": "none"}
+
+
+@callback(Output(TICK, "disabled"), Output(JOB_STATUS, "children", allow_duplicate=True), Input(COMPUTE, "n_clicks"),
+          State(ids.SELECTION, "data"), prevent_initial_call=True)
+def compute(n_clicks: Any, data: Any):
+    """The button -> start the subprocess (one per file) and the progress ticks."""
+    from attnviz.app.registry import get_recording
+
+    sel = Selection.from_store(data)
+    if not n_clicks or sel.file is None:
+        return no_update, no_update
+    try:
+        path = str(get_recording(sel.file).path)
+    except Exception as e:  # noqa: BLE001 - unknown or unreadable file: say so on the page
+        return True, f"cannot start: {e}"
+    job = start_job(sel.file, path)
+    return False, job.describe()
+
+
+@callback(Output(JOB_STATUS, "children"), Output(TICK, "disabled", allow_duplicate=True), Output(RELOAD, "href"),
+          Input(TICK, "n_intervals"), State(ids.SELECTION, "data"), prevent_initial_call=True)
+def progress(_n: Any, data: Any):
+    """Every second while a job runs: its progress; when it has finished well, reload the page."""
+    key = Selection.from_store(data).file
+    text, running, ok = job_state(key)
+    if running:
+        return text, False, no_update
+    return text, True, ("/patterns" if ok else no_update)
