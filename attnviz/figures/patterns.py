@@ -152,17 +152,20 @@ def fig_pattern_scatter(embedding: np.ndarray, *, cluster: np.ndarray, layer: np
 
     Returns:
         Traces in the order of :func:`scatter_groups`, then the highlight trace when given.
-        Each point's hover shows layer, head, image, query and cluster (``customdata`` ``[N, 6]``:
-        index, layer, head, image, query row, query column). Drag mode is lasso.
+        Each point's hover shows layer, head, image, query and cluster (``customdata`` ``[m, 6]`` per
+        trace: layer, head, image, query row, query column, cluster); map a point back to the atlas
+        with :func:`selected_maps`. Drag mode is lasso.
     """
     if color_by not in COLOR_BY:
         raise ValueError(f"color_by must be one of {COLOR_BY}, not {color_by!r}")
     emb = np.asarray(embedding, np.float32)
     cluster = np.asarray(cluster)
     qy, qx = np.divmod(np.asarray(query), grid[1])
-    custom = np.stack([np.arange(len(emb)), layer, head, sample, qy, qx, cluster], 1).astype(np.int32)
-    hover = ("layer %{customdata[1]}, head %{customdata[2]}<br>image %{customdata[3]}, "
-             "query (%{customdata[4]}, %{customdata[5]})<br>cluster %{customdata[6]}")
+    custom = np.stack([layer, head, sample, qy, qx, cluster], 1)
+    # int16 where it fits: tens of thousands of points, and this is most of the figure's bytes
+    custom = custom.astype(np.int16 if np.abs(custom).max(initial=0) < 2**15 else np.int32)
+    hover = ("layer %{customdata[0]}, head %{customdata[1]}<br>image %{customdata[2]}, "
+             "query (%{customdata[3]}, %{customdata[4]})<br>cluster %{customdata[5]}")
     n = len(emb)
     size = 6 if n < 2000 else 4 if n < 20000 else 3
     fig = go.Figure()
@@ -475,7 +478,7 @@ def fig_head_mix(mix: np.ndarray, *, labels: Sequence[str], noise: np.ndarray | 
         fig.add_trace(go.Bar(x=np.asarray(noise, np.float64).reshape(-1), y=ylab, orientation="h", name="noise",
                              marker_color=NOISE_COLOUR, customdata=cd,
                              hovertemplate="%{y}: noise %{x:.0%}<extra></extra>"))
-    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.15))
+    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.15, traceorder="normal"))
     fig.update_xaxes(title="share of the head's maps", range=[0, 1], tickformat=".0%")
     fig.update_yaxes(autorange="reversed")
     base_layout(fig, title=title, height=height or max(200, 110 + 26 * m), width=width)

@@ -29,9 +29,9 @@ def test_scatter_one_webgl_trace_per_cluster_then_noise_then_highlight() -> None
         np.testing.assert_array_equal(t.x, d["embedding"][idx, 0])
         np.testing.assert_array_equal(t.y, d["embedding"][idx, 1])
         cd = np.asarray(t.customdata)
-        np.testing.assert_array_equal(cd[:, 0], idx)                     # atlas index
-        np.testing.assert_array_equal(cd[:, 1:4], np.stack([d["layer"], d["head"], d["sample"]], 1)[idx])
-        np.testing.assert_array_equal(cd[:, 4] * 4 + cd[:, 5], d["query"][idx])   # (row, col) of the query
+        np.testing.assert_array_equal(cd[:, :3], np.stack([d["layer"], d["head"], d["sample"]], 1)[idx])
+        np.testing.assert_array_equal(cd[:, 3] * 4 + cd[:, 4], d["query"][idx])   # (row, col) of the query
+        np.testing.assert_array_equal(cd[:, 5], c)
     assert fig.data[3].marker.color == F.NOISE_COLOUR
     assert fig.data[0].marker.color == F.cluster_colours(3)[0]
     np.testing.assert_array_equal(fig.data[4].x, d["embedding"][[3, 7], 0])
