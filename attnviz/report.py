@@ -132,7 +132,7 @@ def collect_figures(rec: Recording, *, samples: Sequence[int], views: Sequence[s
         for sample in (samples if view.per_sample else [None]):
             for suffix, fig in _figures(view.make(rec, sample)):
                 parts = [view.name] + ([f"s{sample}"] if sample is not None else []) + ([suffix] if suffix else [])
-                label = view.title + (f" — sample {sample} ({rec.sample_ids[sample]})" if sample is not None else "")
+                label = view.title + (f" — sample {sample} ({rec.sample_ids()[sample]})" if sample is not None else "")
                 if suffix:
                     label += f" — {suffix.replace('_', ' ')}"
                 items.append(ReportItem(view, sample, "_".join(parts), label, fig))

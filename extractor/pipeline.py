@@ -242,7 +242,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     with attnviz.open(path) as rec:
         accuracy = rec.accuracy
         n = rec.n_samples
-        skipped = rec.skipped
+        skipped = rec.skipped()
     return ExtractResult(path=path, n_samples=n, n_recorded=n_todo, seconds=seconds, accuracy=accuracy,
                          skipped=skipped, adapter=adapter, head_stats_seconds=stats_seconds)
 

@@ -69,7 +69,7 @@ def test_extract_end_to_end_and_info(env, tmp_path, capsys):
         assert rec.complete and rec.family == "vit" and rec.n_samples == 5
         assert (rec.n_layers, rec.n_heads) == (2, 4)
         assert rec.layout().prefix_names == ("cls",) and rec.layout().grid == (4, 4)
-        assert rec.skipped[0][0] == "square/broken.jpg"
+        assert rec.skipped()[0][0] == "square/broken.jpg"
         assert rec.attribution_methods() == ["integrated_gradients", "occlusion", "rollout", "saliency"]
         assert rec.thumbnail(0).shape == (32, 32, 3)
         assert rec.model_name == "vit" and rec.model_class == "ViTForImageClassification"
@@ -88,7 +88,7 @@ def test_deit_distillation_token_through_the_cli(env, tmp_path, capsys):
         assert lay.prefix_names == ("cls", "distillation") and lay.n_tokens == 18
         assert rec.attention(0, 1, 2).shape == (18, 18)
         # images directly in the input folder: no class folder, no label
-        assert rec.labels.tolist() == [-1, -1] and rec.target_source == "prediction"
+        assert rec.labels().tolist() == [-1, -1] and rec.target_source == "prediction"
 
 
 def _sys_unwritable() -> Path:

@@ -292,13 +292,13 @@ def stratified_sample(n_samples: int, n_layers: int, n_heads: int, n_queries: in
 def pattern_kind(rec: Any, kind: str | None) -> str:
     """The attention kind to analyse: ``kind`` checked, or the first kind whose tokens form a patch grid."""
     if kind is not None:
-        if kind not in rec.kinds:
-            raise InputError(f"this {rec.family} recording has no {kind!r} attention; it has: {', '.join(rec.kinds)}")
+        if kind not in rec.kinds():
+            raise InputError(f"this {rec.family} recording has no {kind!r} attention; it has: {', '.join(rec.kinds())}")
         if rec.layout(kind).grid is None:
             raise InputError(f"the {kind!r} attention of this recording is not over an image patch grid; "
                              "the pattern atlas needs one")
         return kind
-    for k in rec.kinds:
+    for k in rec.kinds():
         if rec.layout(k).grid is not None:
             return k
     raise InputError(f"this {rec.family} recording has no attention over an image patch grid; "

@@ -550,7 +550,7 @@ def spatial_profiles_from_maps(maps: np.ndarray, layout: TokenLayout | PatchGeom
 
 def spatial_kinds(rec: Recording) -> list[str]:
     """Attention kinds of ``rec`` that have a patch grid (main kind first)."""
-    return [k for k in rec.kinds if rec.layout(k).grid is not None]
+    return [k for k in rec.kinds() if rec.layout(k).grid is not None]
 
 
 def default_spatial_kind(rec: Recording) -> str | None:
@@ -563,11 +563,11 @@ def _resolve_kind(rec: Recording, kind: str | None) -> str:
     if kind is None:
         kind = default_spatial_kind(rec)
         if kind is None:
-            raise InputError(f"{rec.path.name}: no attention kind with a patch grid ({', '.join(rec.kinds)}); "
+            raise InputError(f"{rec.path.name}: no attention kind with a patch grid ({', '.join(rec.kinds())}); "
                              "spatial profiles need patches")
         return kind
-    if kind not in rec.kinds:
-        raise InputError(f"{rec.path.name} has no {kind!r} attention; it has: {', '.join(rec.kinds)}")
+    if kind not in rec.kinds():
+        raise InputError(f"{rec.path.name} has no {kind!r} attention; it has: {', '.join(rec.kinds())}")
     if rec.layout(kind).grid is None:
         raise InputError(f"the {kind!r} attention of {rec.path.name} has no patch grid; "
                          f"kinds with one: {', '.join(spatial_kinds(rec)) or 'none'}")

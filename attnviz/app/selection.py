@@ -100,7 +100,7 @@ def resolve(data: Any, kind: str | None = None) -> tuple[Selection, Recording | 
         rec = get_recording(sel.file)
         if rec.n_samples == 0:
             return sel, None, f"{sel.file}: no samples written yet."
-        if kind is not None and kind not in rec.kinds:
+        if kind is not None and kind not in rec.kinds():
             return sel, None, f"{sel.file}: this {rec.family} recording has no {kind!r} attention."
         return sel.clamp(rec, kind), rec, None
     except AttnvizError as e:

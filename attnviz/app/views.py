@@ -51,7 +51,7 @@ COLOUR_BY = ("correctness", "label", "prediction")
 def explorer_kind(rec: Recording) -> str | None:
     """The attention kind the explorer shows: the main kind if it is a patch stack, else the first
     patch stack (LVLM: the vision tower); None when the recording has no image patches."""
-    for kind in rec.kinds:
+    for kind in rec.kinds():
         if rec.layout(kind).grid is not None:
             return kind
     return None
@@ -184,14 +184,14 @@ def token_matrix(rec: Recording, sample: int, layer: int, head: int, kind: str |
 def model_card(rec: Recording) -> list[tuple[str, str]]:
     """(key, value) rows: family, model, heads, samples, accuracy, classes, stored results."""
     acc = rec.accuracy
-    n_classes = len(rec.class_names)
+    n_classes = len(rec.class_names())
     rows = [
         ("model", rec.model_name),
         ("class", rec.model_class or "—"),
         ("family", rec.family),
         ("layers × heads", f"{rec.n_layers} × {rec.n_heads}"),
     ]
-    for kind in rec.kinds:
+    for kind in rec.kinds():
         lay = rec.layout(kind)
         shape = rec.stack_shape(kind)
         extra = f", {lay.grid[0]}×{lay.grid[1]} patches of {lay.patch_size[0]}×{lay.patch_size[1]} px" if lay.grid else ""
@@ -200,7 +200,7 @@ def model_card(rec: Recording) -> list[tuple[str, str]]:
     rows += [
         ("samples", f"{rec.n_samples}" + ("" if rec.complete else f" of {rec.n_planned} (incomplete)")),
         ("accuracy", "—" if acc is None else f"{acc:.1%}" + ("" if rec.target_source == "label" else " (vs. predictions)")),
-        ("classes", f"{n_classes}: " + ", ".join(rec.class_names[:12]) + (" …" if n_classes > 12 else "")),
+        ("classes", f"{n_classes}: " + ", ".join(rec.class_names()[:12]) + (" …" if n_classes > 12 else "")),
         ("attributions", ", ".join(rec.attribution_methods()) or "none"),
         ("head metrics", ", ".join(rec.head_metrics()) or "none (run `attnviz analyze`)"),
         ("recorded", rec.created),
@@ -211,7 +211,7 @@ def model_card(rec: Recording) -> list[tuple[str, str]]:
 def filter_samples(rec: Recording, classes: Sequence[int] | None = None, correctness: str = "all") -> np.ndarray:
     """Sample indices whose label (prediction where unlabelled) is in ``classes`` (None: any) and
     whose correctness is ``"all"``, ``"correct"`` or ``"incorrect"`` (unlabelled: neither)."""
-    labels, preds = rec.labels, rec.predictions
+    labels, preds = rec.labels(), rec.predictions()
     keep = np.ones(rec.n_samples, bool)
     if classes:
         cls = np.where(labels >= 0, labels, preds)
@@ -232,7 +232,7 @@ class ThumbPage:
 
 
 def _colours(rec: Recording, idx: np.ndarray, colour_by: str) -> tuple[list[str], list[tuple[str, str]]]:
-    labels, preds, names = rec.labels[idx], rec.predictions[idx], rec.class_names
+    labels, preds, names = rec.labels()[idx], rec.predictions()[idx], rec.class_names()
     if colour_by == "correctness":
         cols = [UNKNOWN if l < 0 else (CORRECT if l == p else WRONG) for l, p in zip(labels, preds)]
         legend = [("correct", CORRECT), ("incorrect", WRONG)] + ([("no label", UNKNOWN)] if (labels < 0).any() else [])
@@ -284,12 +284,12 @@ def _thumbnail_page(rec: Recording, colour_by: str, classes: Sequence[int] | Non
         return _BasePage(None, [], [], [], cols, 0, 1, 0)
     thumbs = np.stack([rec.thumbnail(s) for s in shown])
     colours, legend = _colours(rec, np.asarray(shown), colour_by)
-    names, ids = rec.class_names, rec.sample_ids
+    names, ids = rec.class_names(), rec.sample_ids()
 
     def cname(c: int) -> str:
         return names[c] if 0 <= c < len(names) else "—"
 
-    hover = [f"#{s} {ids[s]}<br>label: {cname(int(rec.labels[s]))}<br>prediction: {cname(int(rec.predictions[s]))}"
+    hover = [f"#{s} {ids[s]}<br>label: {cname(int(rec.labels()[s]))}<br>prediction: {cname(int(rec.predictions()[s]))}"
              for s in shown]
     cols = max(1, min(cols, len(shown)))
     mosaic = tile_mosaic(thumbs, colours, cols=cols, tile=tile)

@@ -14,7 +14,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Everything ``attnviz info`` shows, JSON-able."""
     with Recording(path) as rec:
         stacks = {}
-        for kind in rec.kinds:
+        for kind in rec.kinds():
             L, H = rec.stack_shape(kind)
             lay = rec.layout(kind)
             stacks[kind] = {
@@ -24,7 +24,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 "image_size": list(lay.image_size) if lay.image_size else None,
             }
         datasets = [{"path": p, "shape": list(s), "dtype": dt, "bytes_on_disk": b} for p, s, dt, b in rec.datasets()]
-        labelled = int((rec.labels >= 0).sum()) if rec.n_samples else 0
+        labelled = int((rec.labels() >= 0).sum()) if rec.n_samples else 0
         return {
             "path": str(rec.path),
             "format_version": rec.format_version,
@@ -38,13 +38,13 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "layers": rec.n_layers,
             "heads": rec.n_heads,
             "stacks": stacks,
-            "classes": rec.class_names,
+            "classes": rec.class_names(),
             "labelled_samples": labelled,
             "accuracy": rec.accuracy,
             "attributions": rec.attribution_methods(),
             "head_metrics": rec.head_metrics(),
             "analyses": rec.analyses(),
-            "skipped_inputs": [{"input": p, "reason": r} for p, r in rec.skipped],
+            "skipped_inputs": [{"input": p, "reason": r} for p, r in rec.skipped()],
             "file_bytes": os.path.getsize(rec.path),
             "datasets": datasets,
         }

@@ -43,6 +43,13 @@ class Recording:
 
     ``n_samples`` counts the samples that were written: for an incomplete recording (an interrupted
     extraction) that is the leading run of done samples, and ``complete`` is False.
+
+    One convention throughout: **properties are scalars** (identity, sizes, flags: ``family``,
+    ``n_samples``, ``complete``, ``accuracy``, ``has_masks``, ...), **everything that returns a
+    collection is a method** (``sample_ids()``, ``labels()``, ``predictions()``, ``class_names()``,
+    ``kinds()``, ``head_metrics()``, ``attribution_methods()``, ``analyses()``, ``skipped()``,
+    ``datasets()``, and every per-sample or per-head read). A method returns a fresh object the
+    caller may change; small arrays are read from the file once and copied out.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -52,6 +59,8 @@ class Recording:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._stack_shapes: dict[str, tuple[int, int]] = {}
         self._lengths: dict[str, np.ndarray] = {}
+        self._kinds: tuple[str, ...] | None = None
+        self._small: dict[str, Any] = {}  # small arrays read once; methods hand out copies
         if not self.path.exists():
             raise RecordingError(f"{self.path}: no such file")
         if self.path.is_dir():
@@ -122,7 +131,7 @@ class Recording:
         if len(logits) != 2 or (n_classes and logits[1] != n_classes):
             raise RecordingError(f"{p}: /{S.D_LOGITS} has shape {logits}, expected ({n}, {n_classes}) "
                                  f"for {n_classes} class names")
-        for kind in self.kinds:
+        for kind in self.kinds():
             for name in (S.maps_path(kind), S.lengths_path(kind)):
                 if name not in f:
                     raise RecordingError(f"{p}: required dataset /{name} is missing")
@@ -217,11 +226,12 @@ class Recording:
     def n_heads(self) -> int:
         return int(self._f.attrs[S.ATTR_N_HEADS])
 
-    @cached_property
     def kinds(self) -> tuple[str, ...]:
         """Attention kinds present, the main kind first."""
-        present = tuple(self._f[S.G_ATTENTION].keys()) if S.G_ATTENTION in self._f else ()
-        return tuple(sorted(present, key=lambda k: (k != self.main_kind, k)))
+        if self._kinds is None:
+            present = tuple(self._f[S.G_ATTENTION].keys()) if S.G_ATTENTION in self._f else ()
+            self._kinds = tuple(sorted(present, key=lambda k: (k != self.main_kind, k)))
+        return self._kinds
 
     def stack_shape(self, kind: str | None = None) -> tuple[int, int]:
         """(n_layers, n_heads) of one attention kind."""
@@ -296,32 +306,38 @@ class Recording:
 
     # -- per-sample data -----------------------------------------------------------------
 
-    @cached_property
     def sample_ids(self) -> list[str]:
-        return [_str(s) for s in self._f[S.D_ID][: self.n_samples]]
+        """The stable id (normally the input's relative path) of each written sample."""
+        return list(self._cached("sample_ids", lambda: [_str(s) for s in self._f[S.D_ID][: self.n_samples]]))
 
-    @cached_property
     def labels(self) -> np.ndarray:
         """int32 ``[n_samples]``; -1 where the input had no label."""
-        return self._f[S.D_LABEL][: self.n_samples]
+        return self._labels().copy()
 
-    @cached_property
     def predictions(self) -> np.ndarray:
-        """int32 ``[n_samples]``: argmax of the logits."""
-        return self._f[S.D_PREDICTION][: self.n_samples]
+        """int32 ``[n_samples]``: argmax of the logits; -1 where the model predicts no class
+        (a backbone without a classification head)."""
+        return self._predictions().copy()
 
     @property
     def has_labels(self) -> bool:
-        return bool(self.n_samples) and bool((self.labels >= 0).any())
+        return bool(self.n_samples) and bool((self._labels() >= 0).any())
+
+    @property
+    def has_predictions(self) -> bool:
+        """False for a backbone without a classification head (every prediction is -1)."""
+        return bool(self.n_samples) and bool((self._predictions() >= 0).any())
 
     @property
     def accuracy(self) -> float | None:
-        """Fraction of labelled samples predicted right; None without labels."""
-        lab = self.labels
+        """Fraction of labelled samples predicted right; None without labels or without predictions."""
+        if not self.has_predictions:
+            return None
+        lab = self._labels()
         known = lab >= 0
         if not known.any():
             return None
-        return float((self.predictions[known] == lab[known]).mean())
+        return float((self._predictions()[known] == lab[known]).mean())
 
     def logits(self, sample: int | slice | None = None) -> np.ndarray:
         """float32 ``[n_classes]`` for one sample, or ``[n, n_classes]``."""
@@ -335,9 +351,9 @@ class Recording:
         self._check_sample(sample)
         return self._f[S.D_LOGITS][sample]
 
-    @cached_property
     def class_names(self) -> list[str]:
-        return [_str(s) for s in self._f[S.D_CLASS_NAMES][()]]
+        """Class index -> name (empty for a model without classes)."""
+        return list(self._cached("class_names", lambda: [_str(s) for s in self._f[S.D_CLASS_NAMES][()]]))
 
     def thumbnail(self, sample: int) -> np.ndarray:
         """uint8 ``[h, w, 3]``: the input as the model saw it (resized), for display."""
@@ -361,7 +377,6 @@ class Recording:
         raw = self._f[S.D_META][sample]
         return S.loads(raw) if raw else {}
 
-    @cached_property
     def skipped(self) -> list[tuple[str, str]]:
         """Inputs the extraction skipped, as (path, reason)."""
         if S.D_SKIPPED not in self._f:
@@ -436,6 +451,18 @@ class Recording:
 
     # -- plumbing ------------------------------------------------------------------------
 
+    def _labels(self) -> np.ndarray:
+        return self._cached("labels", lambda: self._f[S.D_LABEL][: self.n_samples])
+
+    def _predictions(self) -> np.ndarray:
+        return self._cached("predictions", lambda: self._f[S.D_PREDICTION][: self.n_samples])
+
+    def _cached(self, key: str, make: Any) -> Any:
+        """``make()`` once per open file (the internal copy; public methods return copies)."""
+        if key not in self._small:
+            self._small[key] = make()
+        return self._small[key]
+
     @contextmanager
     def _for_update(self) -> Iterator[h5py.File]:
         """The file opened for update (r+) during the block, read-only again after it.
@@ -471,7 +498,7 @@ class Recording:
         kind = kind or self.main_kind
         key = f"{S.G_ATTENTION}/{kind}"
         if key not in self._f:
-            raise KeyError(f"this {self.family} recording has no {kind!r} attention; it has: {', '.join(self.kinds)}")
+            raise KeyError(f"this {self.family} recording has no {kind!r} attention; it has: {', '.join(self.kinds())}")
         return self._f[key]
 
     def _maps(self, kind: str | None) -> h5py.Dataset:

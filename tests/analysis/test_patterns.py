@@ -254,7 +254,9 @@ def test_pattern_kind_needs_a_patch_grid() -> None:
 
     class Rec:
         family = "s2t"
-        kinds = ("cross", "self")
+
+        def kinds(self) -> tuple[str, ...]:
+            return ("cross", "self")
 
         def layout(self, kind: str) -> TokenLayout:
             return TokenLayout(query_axis="tokens", key_axis="frames")

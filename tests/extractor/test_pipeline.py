@@ -92,7 +92,7 @@ def test_recorded_maps_equal_independent_softmax(data, tmp_path, model, model_cl
     with attnviz.open(out) as rec:
         lay = rec.layout()
         assert lay.prefix_names == prefix and lay.n_prefix == len(prefix)
-        assert rec.sample_ids == sorted(NAMES)
+        assert rec.sample_ids() == sorted(NAMES)
         L, H = rec.stack_shape()
         assert expected.shape == (5, L, H, lay.n_tokens, lay.n_tokens)
         for s in range(rec.n_samples):
@@ -128,10 +128,10 @@ def test_labels_predictions_logits_and_head_stats(data, tmp_path):
     with attnviz.open(out) as rec:
         assert rec.complete and rec.n_samples == 5
         # sorted ids: circle/a circle/b e.png square/c triangle/d
-        assert rec.labels.tolist() == [0, 0, -1, 1, 2]
+        assert rec.labels().tolist() == [0, 0, -1, 1, 2]
         np.testing.assert_allclose(rec.logits(), np.stack(expected_logits), atol=1e-5)
-        assert rec.predictions.tolist() == np.stack(expected_logits).argmax(1).tolist()
-        assert rec.class_names == ["circle", "square", "triangle"]
+        assert rec.predictions().tolist() == np.stack(expected_logits).argmax(1).tolist()
+        assert rec.class_names() == ["circle", "square", "triangle"]
         assert rec.attribution_methods() == []
         assert {"entropy", "confidence"} <= set(rec.head_metrics())
         assert rec.target_source == "label"
@@ -178,7 +178,7 @@ def test_target_label_uses_labels_and_needs_them(data, tmp_path):
     out = run(data, tmp_path / "r.h5", input=str(man), target="label", attributions=("saliency",))
     with attnviz.open(out) as rec:
         assert rec.attribution_info("saliency").target == "label"
-        assert rec.labels.tolist() == [0, 1, 2, 0, 1]
+        assert rec.labels().tolist() == [0, 1, 2, 0, 1]
 
 
 def test_manifest_masks_are_recorded(data, tmp_path):

@@ -40,16 +40,16 @@ def test_golden_vit_identity() -> None:
         assert (rec.family, rec.model_name, rec.model_class) == ("vit", "golden-vit", "ViTForImageClassification")
         assert rec.created == "2026-01-01T00:00:00+00:00"
         assert (rec.n_samples, rec.n_planned, rec.n_layers, rec.n_heads) == (3, 3, 2, 2)
-        assert rec.kinds == ("self",) and rec.main_kind == "self"
+        assert rec.kinds() == ("self",) and rec.main_kind == "self"
         assert rec.layout() == TokenLayout(n_prefix=1, prefix_names=("cls",), grid=(2, 2), patch_size=(4, 4),
                                            image_size=(8, 8))
         assert rec.extraction_params == {"attributions": ["saliency", "rollout"], "batch_size": 2}
         assert rec.model_config == {"hidden_size": 8, "num_attention_heads": 2}
         assert rec.target_source == "label"
         assert rec.h5.attrs["batch_size"] == 2
-        assert rec.sample_ids == ["img_0.png", "img_1.png", "img_2.png"]
-        assert rec.class_names == ["circle", "square", "triangle"]
-        assert rec.skipped == [("broken.png", "cannot identify image file")]
+        assert rec.sample_ids() == ["img_0.png", "img_1.png", "img_2.png"]
+        assert rec.class_names() == ["circle", "square", "triangle"]
+        assert rec.skipped() == [("broken.png", "cannot identify image file")]
 
 
 def test_golden_vit_attention() -> None:
@@ -70,8 +70,8 @@ def test_golden_vit_attention() -> None:
 def test_golden_vit_samples() -> None:
     y, x = np.mgrid[0:8, 0:8]
     with attnviz.open(GOLDEN) as rec:
-        np.testing.assert_array_equal(rec.labels, [0, 1, -1])
-        np.testing.assert_array_equal(rec.predictions, [0, 2, 1])
+        np.testing.assert_array_equal(rec.labels(), [0, 1, -1])
+        np.testing.assert_array_equal(rec.predictions(), [0, 2, 1])
         np.testing.assert_array_equal(rec.logits(), [[2.0, 0.0, -1.0], [0.0, -1.0, 1.5], [-2.0, 3.0, 0.25]])
         assert rec.accuracy == 0.5
         for s in range(3):
@@ -112,12 +112,12 @@ def test_golden_s2t_variable_lengths() -> None:
              "decoder_self": lambda s: (tokens[s], tokens[s])}
     with attnviz.open(GOLDEN_S2T) as rec:
         assert (rec.family, rec.main_kind, rec.n_samples) == ("s2t", "cross", 2)
-        assert rec.kinds == ("cross", "decoder_self", "self")
+        assert rec.kinds() == ("cross", "decoder_self", "self")
         assert (rec.n_layers, rec.n_heads) == (2, 2)
-        assert [rec.stack_shape(k) for k in rec.kinds] == [(2, 2), (2, 2), (1, 2)]
+        assert [rec.stack_shape(k) for k in rec.kinds()] == [(2, 2), (2, 2), (1, 2)]
         assert rec.layout("cross") == TokenLayout(query_axis="tokens", key_axis="frames")
         assert rec.layout("self").query_axis == "frames"
-        for kind in rec.kinds:
+        for kind in rec.kinds():
             L, H = rec.stack_shape(kind)
             for s in range(2):
                 assert rec.lengths(s, kind) == sizes[kind](s)
@@ -131,7 +131,7 @@ def test_golden_s2t_variable_lengths() -> None:
         np.testing.assert_allclose(rec.attention(0, 1, 1, "cross"),
                                    [[0.23120, 0.62842, 0.14026], [0.54639, 0.12195, 0.33154]], atol=1e-5)
         assert rec.accuracy is None and rec.target_source == "prediction"
-        np.testing.assert_array_equal(rec.predictions, [0, 1])
+        np.testing.assert_array_equal(rec.predictions(), [0, 1])
         assert rec.meta(1) == {"tokens": ["no", "no", "<eos>"]}
         assert not rec.has_masks and rec.mask(0) is None
 

@@ -23,7 +23,7 @@ def test_maps_and_per_sample_data_round_trip(tmp_path: Path, compression: str) -
         assert (rec.family, rec.model_name, rec.model_class) == ("vit", "synthetic-vit", "ViTForImageClassification")
         assert (rec.n_samples, rec.n_planned, rec.n_layers, rec.n_heads) == (n, n, L, H)
         assert rec.complete and rec.format_version == 1 and rec.main_kind == "self"
-        assert rec.kinds == ("self",) and rec.stack_shape() == rec.stack_shape("self") == (L, H)
+        assert rec.kinds() == ("self",) and rec.stack_shape() == rec.stack_shape("self") == (L, H)
         for s in range(n):
             for layer in range(L):
                 for head in range(H):
@@ -42,11 +42,11 @@ def test_maps_and_per_sample_data_round_trip(tmp_path: Path, compression: str) -
         np.testing.assert_array_equal(rec.logits(), w.logits)
         np.testing.assert_array_equal(rec.logits(slice(2, 5)), w.logits[2:5])
         np.testing.assert_array_equal(rec.logits(slice(None, None, -2)), w.logits[::-2])
-        np.testing.assert_array_equal(rec.labels, w.labels)
-        np.testing.assert_array_equal(rec.predictions, w.predictions)
-        assert rec.sample_ids == w.ids
-        assert rec.class_names == list(CLASS_NAMES)
-        assert rec.skipped == [("broken.png", "cannot identify image file")]
+        np.testing.assert_array_equal(rec.labels(), w.labels)
+        np.testing.assert_array_equal(rec.predictions(), w.predictions)
+        assert rec.sample_ids() == w.ids
+        assert rec.class_names() == list(CLASS_NAMES)
+        assert rec.skipped() == [("broken.png", "cannot identify image file")]
         assert rec.extraction_params == {"seed": 0, "note": "synthetic"}
         assert rec.target_source == "label"
         assert rec.attribution_methods() == ["rollout", "saliency"]
@@ -149,8 +149,8 @@ def test_out_of_range_and_unknown_kind(vit: Written) -> None:
 
 def test_variable_lengths_are_cropped(s2t: Written) -> None:
     with attnviz.open(s2t.path) as rec:
-        assert rec.family == "s2t" and rec.main_kind == "cross" and rec.kinds[0] == "cross"
-        assert set(rec.kinds) == {"cross", "self", "decoder_self"}
+        assert rec.family == "s2t" and rec.main_kind == "cross" and rec.kinds()[0] == "cross"
+        assert set(rec.kinds()) == {"cross", "self", "decoder_self"}
         # n_layers/n_heads describe the main (cross) stack; the encoder has its own shape
         assert (rec.n_layers, rec.n_heads) == (2, 3) == rec.stack_shape("cross")
         assert rec.stack_shape("self") == (3, 2)
@@ -181,7 +181,7 @@ def test_variable_lengths_without_explicit_lengths(tmp_path: Path) -> None:
     """Maps smaller than the allocated maximum and no lengths: the valid size is the size given."""
     w = write_s2t(tmp_path / "s.h5", explicit_lengths=False)
     with attnviz.open(w.path) as rec:
-        for kind in rec.kinds:
+        for kind in rec.kinds():
             for s in range(rec.n_samples):
                 assert rec.lengths(s, kind) == tuple(w.lengths[kind][s])
                 q, k = w.lengths[kind][s]

@@ -66,8 +66,8 @@ def test_interrupted_writer_leaves_partial_with_done_flags_of_written_batches(tm
     with attnviz.open(part) as rec:
         assert not rec.complete
         assert (rec.n_samples, rec.n_planned) == (6, 8)
-        assert rec.sample_ids == w.ids[:6]
-        assert len(rec.labels) == len(rec.predictions) == len(rec.logits()) == 6
+        assert rec.sample_ids() == w.ids[:6]
+        assert len(rec.labels()) == len(rec.predictions()) == len(rec.logits()) == 6
         np.testing.assert_array_equal(rec.attention(5, 1, 2), f16(w.maps["self"][5, 1, 2]))
         with pytest.raises(IndexError):
             rec.attention(6, 0, 0)

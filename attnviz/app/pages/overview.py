@@ -70,7 +70,7 @@ def card(data: Any):
         return message(problem, "error"), []
     rows = model_card(rec)
     dl = html.Dl(sum(([html.Dt(k), html.Dd(v)] for k, v in rows), []), className="av-kv")
-    return dl, [{"label": n, "value": i} for i, n in enumerate(rec.class_names)]
+    return dl, [{"label": n, "value": i} for i, n in enumerate(rec.class_names())]
 
 
 @callback(Output(THUMBS, "figure"), Output(COUNT, "children"), Output(PAGE, "max"),
@@ -107,8 +107,8 @@ def sample_card(data: Any):
     if problem:
         return message(problem, "error")
     s = sel.sample
-    names = rec.class_names
-    lab, pred = int(rec.labels[s]), int(rec.predictions[s])
+    names = rec.class_names()
+    lab, pred = int(rec.labels()[s]), int(rec.predictions()[s])
     logits = np.asarray(rec.logits(s), np.float64)
     prob = np.exp(logits - logits.max())
     prob /= prob.sum()
@@ -118,7 +118,7 @@ def sample_card(data: Any):
     return html.Div([
         html.Img(src=image_data_uri(rec.thumbnail(s)), style={"width": "160px", "imageRendering": "pixelated",
                                                               "border": "1px solid #ddd"}),
-        html.Dl([html.Dt("sample"), html.Dd(f"#{s}  {rec.sample_ids[s]}"),
+        html.Dl([html.Dt("sample"), html.Dd(f"#{s}  {rec.sample_ids()[s]}"),
                  html.Dt("label"), html.Dd(name(lab)),
                  html.Dt("prediction"), html.Dd(name(pred) + verdict)]
                 + sum(([html.Dt(f"p({name(int(c))})"), html.Dd(f"{prob[c]:.3f}")] for c in top), []), className="av-kv"),

@@ -146,7 +146,7 @@ def _resolve(data: Any) -> tuple[Selection, Recording | None, str | None, str | 
         return sel, None, None, problem
     kind = memo(rec, ("spatial_kind",), lambda: default_spatial_kind(rec))
     if kind is None:
-        return sel, None, None, (f"{sel.file}: no attention with a patch grid ({', '.join(rec.kinds)}); "
+        return sel, None, None, (f"{sel.file}: no attention with a patch grid ({', '.join(rec.kinds())}); "
                                  "spatial profiles need patches.")
     sel, rec, problem = resolve(data, kind)
     return sel, rec, kind, problem
@@ -211,7 +211,7 @@ def status(data: Any, view: str | None):
     if problem:
         return message(problem, "error"), "", shown, hidden
     grids = (hidden, shown) if kind == "vision" else (shown, hidden)
-    label = f"image {sel.sample} of {rec.n_samples}: {rec.sample_ids[sel.sample]}"
+    label = f"image {sel.sample} of {rec.n_samples}: {rec.sample_ids()[sel.sample]}"
     prof = cached_profiles(rec, kind)
     if prof is None:
         return message(_missing(sel), "warning"), label, *grids
@@ -298,7 +298,7 @@ def image_vs_mean(data: Any, distance: str | None):
     metric = "mean attention distance" + (" (patches only)" if patches else "")
     return fig_image_vs_mean(_image_distance(rec, kind, sel, patches), mean, metric=metric, units="px",
                              image_label=f"image {sel.sample}", selected=(sel.layer, sel.head),
-                             title=f"Image {sel.sample} ({rec.sample_ids[sel.sample]}) vs the mean over "
+                             title=f"Image {sel.sample} ({rec.sample_ids()[sel.sample]}) vs the mean over "
                                    f"{prof.n_samples} images")
 
 
