@@ -1,85 +1,28 @@
 """``attnviz report``: the dashboard's views as image files (PNG/SVG) plus an ``index.html``.
 
-Views come from a small registry. A view is a function ``(rec, sample) -> figures`` returning a
-``go.Figure``, a list of ``(suffix, go.Figure)``, or None when the recording lacks its data (it is
-then skipped). Global views get ``sample=None``; per-sample views run once per chosen sample.
-Figures are built by the same pure ``attnviz.figures`` functions the dashboard uses.
-
-Adding views (no Dash imports in that module)::
-
-    from attnviz.report import register_view
-
-    @register_view("spatial_trend", "Mean attention distance across layers", order=40)
-    def _spatial_trend(rec, sample):
-        if "mean_attention_distance" not in rec.head_metrics():
-            return None
-        return fig_distance_trend(rec.head_metric("mean_attention_distance"))
-
-and add the module's import path to :data:`VIEW_MODULES` (one line). Images are exported with
-kaleido, one Chromium for the whole batch (``kaleido.start_sync_server``), with explicit
-width/height (a figure's own layout width/height wins where it sets them).
+The views come from the registry in :mod:`attnviz.app.exports` (one module per dashboard page;
+see its docstring for adding one). This module only chooses samples and views, builds the figures
+and exports them with kaleido, one Chromium for the whole batch (``kaleido.start_sync_server``),
+with explicit width/height (a figure's own layout width/height wins where it sets them).
 """
 
 from __future__ import annotations
 
 import html
-import importlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from attnviz.app.exports import ReportView, ViewResult, load_views
 from attnviz.errors import InputError
 from attnviz.store.reader import Recording
 
-__all__ = ["ReportView", "VIEWS", "VIEW_MODULES", "register_view", "parse_samples", "write_report",
-           "collect_figures", "check_browser", "CHROMIUM_HINT"]
-
-#: Modules whose import registers report views (each with ``@register_view``).
-VIEW_MODULES: tuple[str, ...] = (
-    "attnviz.report",
-    "attnviz.figures.spatial",
-    "attnviz.figures.importance",
-    "attnviz.figures.patterns",
-)
+__all__ = ["parse_samples", "write_report", "collect_figures", "check_browser", "CHROMIUM_HINT"]
 
 CHROMIUM_HINT = ("image export needs Chromium: install it (`apt-get install -y chromium`, or run "
                  "`kaleido_get_chrome`) or point BROWSER_PATH at a Chrome/Chromium binary")
-
-ViewResult = Any  # go.Figure | list[tuple[str, go.Figure]] | None
-
-
-@dataclass(frozen=True)
-class ReportView:
-    """One exportable view. ``make(rec, sample)``; ``per_sample`` views get each chosen sample."""
-
-    name: str
-    title: str
-    make: Callable[[Recording, int | None], ViewResult]
-    per_sample: bool = False
-    order: int = 100
-
-
-VIEWS: dict[str, ReportView] = {}
-
-
-def register_view(name: str, title: str, *, per_sample: bool = False, order: int = 100):
-    """Decorator: add ``fn(rec, sample)`` to :data:`VIEWS` under ``name`` (replacing one of that name)."""
-    if not re.fullmatch(r"[a-z0-9_]+", name):
-        raise ValueError(f"view names are lowercase [a-z0-9_]+, got {name!r}")
-
-    def deco(fn: Callable[[Recording, int | None], ViewResult]):
-        VIEWS[name] = ReportView(name, title, fn, per_sample, order)
-        return fn
-
-    return deco
-
-
-def _load_views() -> list[ReportView]:
-    for mod in VIEW_MODULES:
-        importlib.import_module(mod)
-    return sorted(VIEWS.values(), key=lambda v: (v.order, v.name))
 
 
 def parse_samples(spec: str | None, n_samples: int, default: int = 3) -> list[int]:
@@ -120,7 +63,7 @@ class ReportItem:
 
 def collect_figures(rec: Recording, *, samples: Sequence[int], views: Sequence[str] | None = None) -> list[ReportItem]:
     """Build every figure of the report (no export yet)."""
-    available = _load_views()
+    available = load_views()
     if views is not None:
         known = {v.name for v in available}
         unknown = [v for v in views if v not in known]
@@ -258,68 +201,3 @@ figcaption{{font-size:0.9em;max-width:460px}} img{{border:1px solid #ddd}}</styl
 {chr(10).join(rows)}
 </body></html>
 """
-
-
-# -- the views of the dashboard's own pages (overview, all heads, explorer) -----------------------
-
-@register_view("all_heads", "All heads", order=10)
-def _all_heads(rec: Recording, sample: int | None) -> ViewResult:
-    from attnviz.analysis.head_stats import compute_head_stats
-    from attnviz.figures.heads import fig_head_grid
-
-    figs = []
-    stored = [m for m in rec.head_metrics() if rec.head_metric(m).shape == rec.stack_shape()]
-    for name in stored:
-        info = rec.head_metric_info(name)
-        figs.append((name, fig_head_grid(rec.head_metric(name), metric=name, units=info.units,
-                                         title=f"All heads: {name}")))
-    if not stored:
-        stats = compute_head_stats(rec, max_samples=None if rec.n_samples <= 64 else 64)
-        for name, values in stats.as_dict().items():
-            figs.append((name, fig_head_grid(values, metric=name, title=f"All heads: {name} ({stats.n_samples} samples)")))
-    return figs
-
-
-@register_view("model_card", "Model", order=0)
-def _model_card(rec: Recording, sample: int | None) -> ViewResult:
-    from attnviz.app.views import model_card
-    from attnviz.figures.overview import fig_model_card
-
-    return fig_model_card(model_card(rec))
-
-
-@register_view("inputs", "Inputs (border: correct / incorrect)", order=1)
-def _inputs(rec: Recording, sample: int | None) -> ViewResult:
-    from attnviz.app.views import thumbnail_page
-
-    return thumbnail_page(rec, colour_by="correctness", per_page=160, cols=16,
-                          title=f"Inputs: first {min(rec.n_samples, 160)} of {rec.n_samples}").figure
-
-
-def _explorer_head(rec: Recording) -> tuple[int, int]:
-    """The head the per-sample explorer views show: the last layer's most confident head when
-    confidence is stored, else head 0 of the last layer."""
-    layer = rec.n_layers - 1
-    if "confidence" in rec.head_metrics() and rec.head_metric("confidence").shape == rec.stack_shape():
-        return layer, int(rec.head_metric("confidence")[layer].argmax())
-    return layer, 0
-
-
-@register_view("explorer", "Attention explorer", per_sample=True, order=12)
-def _explorer(rec: Recording, sample: int | None) -> ViewResult:
-    from attnviz.app import views
-
-    kind = views.explorer_kind(rec)
-    if kind is None or sample is None:
-        return None
-    layer, head = _explorer_head(rec)
-    n_layers, n_heads = rec.stack_shape(kind)
-    layer, head = min(layer, n_layers - 1), min(head, n_heads - 1)
-    out = [
-        (f"query_L{layer}H{head}", views.query_overlay(rec, sample, layer, head, None, kind)),
-        (f"heads_L{layer}", views.head_multiples(rec, sample, layer, head, None, kind)),
-        ("attributions", views.attribution_panels(rec, sample, kind).update_layout(width=max(900, 300 * (2 + len(rec.attribution_methods()))))),
-    ]
-    if rec.layout(kind).n_prefix:
-        out.insert(1, (f"cls_L{layer}H{head}", views.cls_overlay(rec, sample, layer, head, kind)))
-    return out

@@ -113,7 +113,8 @@ def build(path: Path, n_images: int, seed: int = 0) -> None:
 CHILD = r"""
 import json, os, resource, sys, time
 t0 = time.perf_counter()
-from attnviz.analysis.patterns import PatternParams, compute_patterns, default_threads
+from attnviz.analysis.patterns import PatternParams, compute_patterns
+from attnviz.analysis.threads import default_threads
 threads = default_threads()
 params = PatternParams(max_maps=int(sys.argv[2]))
 atlas = compute_patterns(sys.argv[1], params, device=sys.argv[3], force=True, show_bar=sys.stderr.isatty())

@@ -11,6 +11,7 @@ Modules:
     components.py  graph() with PNG download, HeadGrid (the all-heads grid), message()
     data.py        per-recording memo()/lru(), head-grid metrics (stored or estimated live)
     views.py       recording -> figure builders shared by pages and `attnviz report` (no Dash)
+    exports/       the registry of report views, one module per page (`attnviz report` reads it)
     shell.py       header, navigation, file picker, file banner
     server.py      serve() on waitress, sample_data_files()
     pages/         one file per page (overview.py = "/", explorer.py, ...)
@@ -53,7 +54,7 @@ How to add a page (e.g. ``attnviz/app/pages/heads.py``)
    live in ``attnviz/figures/<page>.py``; test them on their trace data, and call the callbacks as
    plain functions in tests (after ``create_app([...])``, the page module is importable as
    ``attnviz.app.pages.<name>``).
-5. Static export: register views in :mod:`attnviz.report` (see its docstring).
+5. Static export: register the page's views in its module of :mod:`attnviz.app.exports` (see its docstring).
 
 Pitfalls (found with browser tests; details in docs/dashboard.md's developer section):
 

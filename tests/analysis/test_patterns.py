@@ -21,6 +21,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import attnviz
 from attnviz.analysis import patterns as pt
+from attnviz.analysis.patterns.__main__ import main as patterns_main
 from attnviz.errors import InputError
 from tests.helpers import make_recording
 
@@ -339,7 +340,7 @@ def test_pipeline_head_summaries(atlas_file: tuple[Path, pt.PatternAtlas]) -> No
 
 
 def test_cached_weights_rebuild_the_network(atlas_file: tuple[Path, pt.PatternAtlas]) -> None:
-    from attnviz.analysis.autoencoder import AutoencoderConfig, load_autoencoder
+    from attnviz.analysis.patterns.autoencoder import AutoencoderConfig, load_autoencoder
 
     path, atlas = atlas_file
     with attnviz.open(path) as rec:
@@ -433,11 +434,11 @@ def test_module_entry_point_prints_progress_as_json_lines(tmp_path: Path, capsys
     import json
 
     path = make_recording(tmp_path / "small.h5", n_samples=3, n_layers=1, n_heads=2, grid=(3, 3))
-    assert pt._main([str(path), "--clusters", "2", "--device", "cpu"]) == 0
+    assert patterns_main([str(path), "--clusters", "2", "--device", "cpu"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {m["stage"] for m in lines[:-1]} >= {"maps", "autoencoder", "umap", "clusters", "save"}
     assert lines[-1] == {"done": True, "reused": False, "n_maps": 3 * 2 * 9, "n_clusters": 2}
     with attnviz.open(path) as rec:
         assert pt.load_atlas(rec).n_clusters == 2
-    assert pt._main([str(tmp_path / "missing.h5")]) == 2
+    assert patterns_main([str(tmp_path / "missing.h5")]) == 2
     assert "no such file" in json.loads(capsys.readouterr().out.splitlines()[-1])["error"]

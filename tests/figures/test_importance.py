@@ -70,14 +70,15 @@ def test_partial_pruning():
 
 def test_report_views(tmp_path):
     from attnviz.analysis import importance as A
-    from attnviz.report import VIEWS
+    from attnviz.app.exports import VIEWS, load_views
     from attnviz.store.cache import save_analysis, write_head_metric
     from attnviz.store.schema import HeadMetricInfo
     from tests.analysis.test_importance import curves_fixture
     from tests.helpers import make_recording
 
     import attnviz
-    import attnviz.figures.importance  # noqa: F401  (registers the views)
+
+    load_views()
 
     path = make_recording(tmp_path / "r.h5", n_layers=2, n_heads=3)
     with attnviz.open(path) as rec:

@@ -1,6 +1,6 @@
 """The convolutional autoencoder of the pattern atlas (torch; imported only when training).
 
-Nothing in ``attnviz`` imports this module at import time: :func:`attnviz.analysis.patterns.compute_patterns`
+Nothing in ``attnviz`` imports this module at import time: :func:`attnviz.analysis.patterns.atlas.compute_patterns`
 imports it inside the function that trains, so opening a file or serving the dashboard never loads torch.
 
 Architecture (``C1``/``C2`` channels, ``d`` latent size, input ``H x W`` padded up to multiples of 4)::
@@ -22,7 +22,6 @@ contribute, so "attends to its left neighbour" has one code wherever the query s
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attnviz.analysis.patterns import default_threads
+from attnviz.analysis.threads import default_threads
 
 __all__ = ["AutoencoderConfig", "ConvAutoencoder", "TrainedAutoencoder", "train_autoencoder", "load_autoencoder"]
 
