@@ -50,10 +50,17 @@ def extract(
                               "bfloat16 (autocast; maps are stored as float16 either way)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass (and per resumable unit)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Record at most N images (the first in order)."),
-    attributions: str = typer.Option("all", "--attributions", help="Comma list of attribution methods "
-                                     "(saliency, integrated_gradients, occlusion, rollout), 'all', or 'none' "
-                                     "for attention only."),
-    target: str = typer.Option("predicted", "--target", help="Class the attributions explain: predicted or label."),
+    attributions: str = typer.Option("default", "--attributions", help="Comma list of attribution methods, "
+                                     "'default' (rollout,saliency), 'all', or 'none' for attention only. Cost per "
+                                     "image, in forward passes: rollout ~0 (products of the recorded maps), "
+                                     "saliency ~3 (one backward), integrated_gradients ~100 (32 steps, forward + "
+                                     "backward), occlusion = one per patch (196 on a ViT-B/16)."),
+    target: str = typer.Option("auto", "--target", help="What attributions explain: auto (a classifier's predicted "
+                               "class, a backbone's embedding norm), predicted, label (classifiers), embedding_norm "
+                               "or embedding_similarity (backbones without a classification head)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Record at another input size than the "
+                                             "model's, e.g. 448 or 448x336 (height x width, multiples of the patch "
+                                             "size); position embeddings are interpolated."),
     compression: str = typer.Option("auto", "--compression", help="HDF5 compression: auto (lzf on a GPU run, "
                                     "none on the CPU, where lzf costs CPU time and attention maps hardly "
                                     "compress), lzf, gzip (smaller, slower) or none."),
@@ -65,12 +72,12 @@ def extract(
                                     "the same inputs (as `attnviz importance`, zero ablation)."),
 ) -> None:
     """Record every head's attention map (plus logits, thumbnails, attributions) into one HDF5 file."""
-    from extractor.pipeline import ExtractOptions, extract as run_extract, parse_attributions
+    from extractor.pipeline import ExtractOptions, extract as run_extract, parse_attributions, parse_image_size
 
     opts = ExtractOptions(model=model, input=str(input_path), out=str(out), family=family, device=device, dtype=dtype,
                           batch_size=batch_size, limit=limit, attributions=parse_attributions(attributions),
-                          target=target, compression=compression, overwrite=overwrite, resume=resume,
-                          progress=progress)
+                          target=target, image_size=parse_image_size(image_size), compression=compression,
+                          overwrite=overwrite, resume=resume, progress=progress)
     result = run_extract(opts)
     imp = None
     if importance:
@@ -80,7 +87,7 @@ def extract(
                              batch_size=batch_size, limit=limit, force=True)
     acc = "" if result.accuracy is None else f", accuracy {result.accuracy:.1%}"
     typer.echo(f"wrote {result.path}: {result.n_samples} images{acc}; {result.n_recorded} recorded in "
-               f"{result.seconds:.1f} s ({result.images_per_second:.1f} img/s)"
+               f"{result.seconds:.1f} s ({result.rate})"
                + (f"; {len(result.skipped)} input(s) skipped" if result.skipped else ""))
     if imp is not None:
         _echo_importance(result.path, imp)

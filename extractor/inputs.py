@@ -4,6 +4,10 @@
 - **A folder**, searched recursively, in sorted path order. An image below a first-level subfolder
   whose name is a class of the model (``id2label``; case, ``_``, ``-`` and spaces ignored; or a class
   index) gets that label; images directly in the folder have none.
+- **A model without classes** (a backbone without a classification head, ``class_names=None``): the
+  labels name their own classes: the first-level subfolders, or the manifest's ``label`` values, sorted,
+  become the class names (:attr:`InputSet.class_names`), so a DINOv2 or CLIP recording keeps the
+  grouping of the inputs for colouring and filtering.
 - **A manifest** (``.jsonl`` or ``.csv``), one input per line/row, paths relative to the manifest::
 
       {"image": "imgs/a.png", "label": "circle", "mask": "masks/a.png"}
@@ -64,11 +68,14 @@ class InputSet:
         items: the readable images (at most ``limit``).
         skipped: (id, reason) of images that could not be read.
         has_masks: some item has a mask (masks are recorded for all; missing ones are all zero).
+        class_names: the names the labels index: the model's classes, or for a model without classes
+            the names found in the inputs (sorted).
     """
 
     items: tuple[ImageInput, ...]
     skipped: tuple[tuple[str, str], ...] = ()
     has_masks: bool = False
+    class_names: tuple[str, ...] = ()
 
     @property
     def has_labels(self) -> bool:
@@ -90,7 +97,9 @@ def _norm(name: str) -> str:
 class ClassMatcher:
     """Maps a label given as a class name or an index onto the model's class indices."""
 
-    def __init__(self, class_names: Sequence[str]) -> None:
+    def __init__(self, class_names: Sequence[str], *, names_only: bool = False) -> None:
+        # names_only: the classes were named by the inputs themselves; a label 3 means the class "3"
+        self.names_only = names_only
         self.class_names = list(class_names)
         self._by_name = {}
         for i, n in enumerate(self.class_names):
@@ -100,6 +109,9 @@ class ClassMatcher:
         """Class index of ``value`` (a name, an int, or a string of an int), None if it is neither."""
         if isinstance(value, bool):
             return None
+        if self.names_only:
+            text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value).strip()
+            return self._by_name.get(_norm(text))
         if isinstance(value, int):
             return value if 0 <= value < len(self.class_names) else None
         if isinstance(value, float) and value.is_integer():
@@ -142,13 +154,14 @@ def _problem(path: Path) -> str | None:
     return None
 
 
-def collect_images(path: str | os.PathLike, *, class_names: Sequence[str], limit: int | None = None,
+def collect_images(path: str | os.PathLike, *, class_names: Sequence[str] | None, limit: int | None = None,
                    warn: Callable[[str], None] = _warn, workers: int = 4) -> InputSet:
     """Enumerate and check the images of ``path`` (file, folder or manifest).
 
     Args:
         path: an image, a folder of images, or a ``.jsonl``/``.csv`` manifest.
-        class_names: the model's classes (index -> name), to resolve labels.
+        class_names: the model's classes (index -> name), to resolve labels; None for a model without
+            classes (the labels found in the inputs name the classes).
         limit: keep at most this many readable images (the first ones in order).
         warn: called with a one-line message per skipped input or unmatched label folder.
         workers: threads decoding images during the check.
@@ -162,7 +175,10 @@ def collect_images(path: str | os.PathLike, *, class_names: Sequence[str], limit
     src = Path(path).expanduser()
     if not src.exists():
         raise InputError(f"input {path} does not exist")
-    matcher = ClassMatcher(class_names)
+    found = class_names is None
+    if found:
+        class_names = _found_label_names(src)
+    matcher = ClassMatcher(class_names, names_only=found)
     if src.is_dir():
         candidates = _folder(src, matcher, warn)
     elif src.suffix.lower() in MANIFEST_SUFFIXES:
@@ -184,7 +200,24 @@ def collect_images(path: str | os.PathLike, *, class_names: Sequence[str], limit
                 read_mask(it.mask)
             except Exception as e:
                 raise InputError(f"mask {it.mask} of {it.id} cannot be read ({str(e).splitlines()[0]})") from None
-    return InputSet(tuple(items), tuple(skipped), has_masks=any(it.mask is not None for it in items))
+    return InputSet(tuple(items), tuple(skipped), has_masks=any(it.mask is not None for it in items),
+                    class_names=tuple(str(n) for n in class_names))
+
+
+def _found_label_names(src: Path) -> list[str]:
+    """Class names of inputs for a model without classes: first-level subfolders that hold images, or
+    the distinct manifest labels, sorted (numbers as their text)."""
+    if src.is_dir():
+        return sorted({p.relative_to(src).parts[0] for p in src.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and len(p.relative_to(src).parts) > 1})
+    if src.suffix.lower() in MANIFEST_SUFFIXES:
+        names = set()
+        for _, row in _manifest_rows(src):
+            raw = row.get("label")
+            if raw is not None and raw != "" and not isinstance(raw, bool):
+                names.add(str(int(raw)) if isinstance(raw, float) and raw.is_integer() else str(raw).strip())
+        return sorted(names)
+    return []
 
 
 def _check(candidates: list[ImageInput], limit: int | None,

@@ -34,17 +34,22 @@ from extractor.adapters import Adapter, detect, get_adapter, load_config, resolv
 from extractor.adapters.base import class_names_of
 from extractor.device import resolve_device, resolve_dtype
 from extractor.inputs import InputSet, collect_images
+from extractor.targets import TARGET_NAMES, Target, check_methods, resolve_target, target_forward
 
 # adapter.input_kind -> function enumerating and checking the inputs of that kind
 INPUT_COLLECTORS = {"image": collect_images}
 
-__all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "resolve_compression", "COMPRESSIONS",
-           "TARGETS"]
+__all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "parse_image_size",
+           "resolve_compression", "format_rate", "COMPRESSIONS", "TARGETS", "DEFAULT_ATTRIBUTIONS"]
 
 COMPRESSIONS = ("auto", "lzf", "gzip", "none")
-TARGETS = ("predicted", "label")
+TARGETS = TARGET_NAMES
+#: what ``--attributions`` records when not given: the cheap methods (rollout costs nothing but matrix
+#: products of the recorded maps, saliency one backward pass); integrated gradients and occlusion cost
+#: tens to hundreds of forward passes per image (``docs/attributions.md``)
+DEFAULT_ATTRIBUTIONS = ("rollout", "saliency")
 # parameters that change what is recorded: a resumed run must use the same ones
-_RESUME_KEYS = ("model_class", "attributions", "target", "dtype")
+_RESUME_KEYS = ("model_class", "attributions", "target", "dtype", "image_size")
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,12 @@ class ExtractOptions:
         device: "auto" | "cpu" | "cuda".  dtype: "float32" | "float16" | "bfloat16" (GPU).
         batch_size: images per forward (and per resumable unit).
         limit: record at most this many images.
-        attributions: method names; None = every registered method; () = attention only.
-        target: the class attributions explain: "predicted" or "label".
+        attributions: method names; None = :data:`DEFAULT_ATTRIBUTIONS` (rollout, saliency); () = attention only.
+        target: what attributions explain (:mod:`extractor.targets`): "auto" (the predicted class of a
+            classifier, the embedding norm of a backbone), "predicted", "label", "embedding_norm",
+            "embedding_similarity".
+        image_size: (height, width) to record at instead of the model's own input size (position
+            embeddings interpolated), or None.
         compression: "auto" | "lzf" | "gzip" | "none"; "auto" = lzf when the model runs on a GPU, none
             on the CPU (see :func:`resolve_compression`).
         overwrite / resume: replace an existing output / continue an interrupted one.
@@ -76,7 +85,8 @@ class ExtractOptions:
     batch_size: int = 8
     limit: int | None = None
     attributions: tuple[str, ...] | None = None
-    target: str = "predicted"
+    target: str = "auto"
+    image_size: tuple[int, int] | None = None
     compression: str = "auto"
     overwrite: bool = False
     resume: bool = False
@@ -110,24 +120,62 @@ class ExtractResult:
     def images_per_second(self) -> float:
         return self.n_recorded / self.seconds if self.seconds > 0 else float("nan")
 
+    @property
+    def rate(self) -> str:
+        """The speed as people read it: "12.3 img/s", or "4.2 s/img" when slower than one image a second."""
+        return format_rate(self.n_recorded, self.seconds)
+
+
+def format_rate(n: int, seconds: float, unit: str = "img") -> str:
+    """``n`` items in ``seconds`` as "12.3 img/s", or "4.2 s/img" when slower than one a second (a
+    rate of 0.0 img/s says nothing); "no images recorded" for n = 0."""
+    if n <= 0:
+        return f"no {unit}s recorded"
+    if seconds <= 0:
+        return f"{n} {unit} in no measurable time"
+    per_second = n / seconds
+    if per_second >= 1:
+        return f"{per_second:.1f} {unit}/s"
+    per_item = seconds / n
+    return f"{per_item:.1f} s/{unit}" if per_item < 600 else f"{per_item / 60:.1f} min/{unit}"
+
 
 def parse_attributions(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    """``--attributions`` -> method names: "all"/None = None (every method), "none" = (), else a comma list
-    checked against the registry (unknown name -> InputError listing the available ones)."""
+    """``--attributions`` -> method names: None/"default" = None (:data:`DEFAULT_ATTRIBUTIONS`), "all" = every
+    registered method, "none" = (), else a comma list checked against the registry (unknown name ->
+    InputError listing the available ones)."""
     from extractor import attributions as A
 
     if text is None:
         return None
     parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
-    if not parts or parts == ["all"]:
+    if not parts or parts == ["default"]:
         return None
+    if parts == ["all"]:
+        return tuple(A.available())
     if parts == ["none"]:
         return ()
-    if "none" in parts or "all" in parts:
-        raise InputError("--attributions: 'none' and 'all' cannot be combined with method names")
+    if {"none", "all", "default"} & set(parts):
+        raise InputError("--attributions: 'none', 'all' and 'default' cannot be combined with method names")
     for p in parts:
         A.get(p)
     return tuple(dict.fromkeys(parts))
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """``--image-size``: "224" (square) or "HxW" (e.g. "448x336") -> (height, width); None stays None."""
+    if text is None or not str(text).strip():
+        return None
+    parts = str(text).lower().replace(" ", "").split("x")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--image-size: cannot read {text!r}; give a size like 224 or 448x336 (height x width)") from None
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) < 1:
+        raise InputError(f"--image-size: cannot read {text!r}; give a size like 224 or 448x336 (height x width)")
+    return vals[0], vals[1]
 
 
 def resolve_compression(name: str, device: torch.device) -> str:
@@ -159,6 +207,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         raise InputError(f"unknown compression {opts.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
     if opts.target not in TARGETS:
         raise InputError(f"unknown --target {opts.target!r}; choose one of {', '.join(TARGETS)}")
+    if opts.image_size is not None and (len(opts.image_size) != 2 or min(opts.image_size) < 1):
+        raise InputError(f"--image-size must be a positive height x width, got {opts.image_size}")
     if opts.family is not None:
         get_adapter(opts.family)
     out = Path(opts.out)
@@ -166,7 +216,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     device = resolve_device(opts.device)
     autocast_dtype = resolve_dtype(opts.dtype, device)
     compression = resolve_compression(opts.compression, device)
-    methods = A.available() if opts.attributions is None else list(opts.attributions)
+    methods = list(DEFAULT_ATTRIBUTIONS if opts.attributions is None else opts.attributions)
     for m in methods:
         A.get(m)
 
@@ -177,21 +227,29 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     if opts.family is not None and arch.family != opts.family:
         raise ModelError(f"{source.ref} is a {arch.model_class} ({arch.family} family), not a {opts.family} model")
     adapter_cls = get_adapter(arch.family)
-    inputs = INPUT_COLLECTORS[adapter_cls.input_kind](opts.input, class_names=class_names_of(config), limit=opts.limit)
-    if opts.target == "label":
+    target = resolve_target(opts.target, has_classifier=arch.has_classifier)
+    if methods:
+        check_methods(target, methods)
+    # a backbone without a classification head has no classes: the inputs' own labels name them
+    model_classes = class_names_of(config) if arch.has_classifier else None
+    inputs = INPUT_COLLECTORS[adapter_cls.input_kind](opts.input, class_names=model_classes, limit=opts.limit)
+    if target.name == "label":
         unlabelled = [it.id for it in inputs.items if it.label < 0]
         if unlabelled:
             raise InputError(f"--target label needs a label for every input; {len(unlabelled)} have none "
                              f"(first: {unlabelled[0]})")
 
     # 3. model and file
-    adapter = adapter_cls.load(source, config, arch, device=device, autocast_dtype=autocast_dtype)
+    load_options = {"image_size": tuple(opts.image_size)} if opts.image_size is not None else {}
+    adapter = adapter_cls.load(source, config, arch, device=device, autocast_dtype=autocast_dtype, **load_options)
     layout = adapter.main_layout
-    specs = [A.spec(m, layout=layout, target=opts.target) for m in methods]
+    specs = [A.spec(m, layout=layout, target=target.name) for m in methods]
     params = {
         "model": source.ref, "model_snapshot": str(source.path) if source.from_cache else None,
-        "model_class": adapter.model_class,
-        "input": str(opts.input), "limit": opts.limit, "attributions": methods, "target": opts.target,
+        "model_class": adapter.model_class, "output": "logits" if adapter.has_classifier else arch.output,
+        "input": str(opts.input), "limit": opts.limit, "attributions": methods, "target": target.name,
+        "target_definition": target.definition if methods else None,
+        "image_size": list(layout.image_size) if opts.image_size is not None else None,
         "dtype": opts.dtype, "device": device.type, "batch_size": opts.batch_size,
         "compression": compression, "torch": torch.__version__,
     }
@@ -206,7 +264,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     else:
         writer = RecordingWriter.create(
             out, family=adapter.name, model_name=adapter.model_name, model_class=adapter.model_class,
-            sample_ids=inputs.ids, stacks=adapter.stacks(), class_names=adapter.class_names,
+            sample_ids=inputs.ids, stacks=adapter.stacks(),
+            class_names=adapter.class_names if adapter.has_classifier else list(inputs.class_names),
             labels=np.array([it.label for it in inputs.items], np.int32),
             thumbnail_shape=adapter.thumbnail_size,
             mask_shape=adapter.thumbnail_size if inputs.has_masks else None,
@@ -221,7 +280,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     n_todo = sum(stop - start for start, stop in todo)
     t0 = time.perf_counter()
     try:
-        _run_batches(adapter, inputs, writer, todo, methods, opts)
+        _run_batches(adapter, inputs, writer, todo, methods, target, opts)
     except BaseException:
         writer.close()  # finished batches stay: --resume continues from them
         if partial_path(out).exists():
@@ -248,14 +307,14 @@ def extract(opts: ExtractOptions) -> ExtractResult:
 
 
 def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, todo: list[tuple[int, int]],
-                 methods: list[str], opts: ExtractOptions) -> None:
+                 methods: list[str], target: Target, opts: ExtractOptions) -> None:
     from extractor import attributions as A
 
     items = inputs.items
     n_todo = sum(stop - start for start, stop in todo)
     bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress)
-    forward = adapter.logits_fn() if methods else None
     main_kind, layout = adapter.stacks()[0].kind, adapter.main_layout
+    n_columns = writer.n_logit_columns
     # one thread reads and preprocesses the next batch while the model runs this one
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-prepare") as pool:
         pending: Future[Any] | None = pool.submit(adapter.prepare, items[todo[0][0]:todo[0][1]]) if todo else None
@@ -267,14 +326,17 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
                 out = adapter.run(batch)
             # one device-to-host copy per kind and batch
             maps = {kind: m.cpu().numpy() for kind, m in out.attention.items()}
-            logits = out.logits.detach().cpu().numpy().astype(np.float32, copy=False)
-            predictions = logits.argmax(axis=1).astype(np.int32)
+            b = stop - start
+            if out.logits is not None:
+                logits = out.logits.detach().cpu().numpy().astype(np.float32, copy=False)
+                predictions = logits.argmax(axis=1).astype(np.int32)
+            else:  # a backbone: no classes to score, no prediction (the file format's -1 and NaN)
+                logits = np.full((b, n_columns), np.nan, np.float32)
+                predictions = np.full(b, -1, np.int32)
             attributions: dict[str, np.ndarray] = {}
             if methods:
-                assert forward is not None
-                target = batch.labels if opts.target == "label" else predictions
-                targets = torch.as_tensor(target, dtype=torch.long, device=adapter.device)
                 px = batch.inputs["pixel_values"].to(adapter.device)
+                forward, targets = target_forward(adapter, target, px, labels=batch.labels, predictions=predictions)
                 # rollout and friends read the maps as recorded (float16 -> float32 on the host)
                 attn32 = torch.from_numpy(maps[main_kind]).float().numpy()
                 for m in methods:
@@ -289,6 +351,7 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
 def _progress(*, total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
+    # tqdm's bar shows [elapsed<remaining (the ETA), rate]; the rate flips to s/img below 1 img/s
     return tqdm(total=total, initial=initial, unit="img", desc="extract", disable=not enabled,
                 dynamic_ncols=True, file=sys.stderr)
 

@@ -77,17 +77,50 @@ def make_recording(
 
 # -- tiny models and images for extractor tests (torch/transformers imported lazily) ------------
 
+#: tiny classifiers (the original four) and every other class of the architecture table
 TINY_ARCHS = ("vit", "deit", "deit_teacher", "dinov2_registers")
+TINY_CLASSIFIERS = TINY_ARCHS + ("dinov2", "clip_classifier", "siglip_classifier")
+TINY_BACKBONES = ("vit_model", "deit_model", "dinov2_model", "dinov2_registers_model", "clip_vision",
+                  "clip_vision_projection", "siglip_vision")
+TINY_ALL = TINY_CLASSIFIERS + TINY_BACKBONES
+#: arch -> (transformers class, config kind, processor kind); configs built in save_tiny_model
+_TINY = {
+    "vit": ("ViTForImageClassification", "vit", "vit"),
+    "deit": ("DeiTForImageClassification", "deit", "vit"),
+    "deit_teacher": ("DeiTForImageClassificationWithTeacher", "deit", "vit"),
+    "dinov2_registers": ("Dinov2WithRegistersForImageClassification", "dinov2_registers", "vit"),
+    "dinov2": ("Dinov2ForImageClassification", "dinov2", "bit"),
+    "clip_classifier": ("CLIPForImageClassification", "clip", "clip"),
+    "siglip_classifier": ("SiglipForImageClassification", "siglip", "siglip"),
+    "vit_model": ("ViTModel", "vit", "vit"),
+    "deit_model": ("DeiTModel", "deit", "vit"),
+    "dinov2_model": ("Dinov2Model", "dinov2", "bit"),
+    "dinov2_registers_model": ("Dinov2WithRegistersModel", "dinov2_registers", "bit"),
+    "clip_vision": ("CLIPVisionModel", "clip_vision", "clip"),
+    "clip_vision_projection": ("CLIPVisionModelWithProjection", "clip_vision", "clip"),
+    "siglip_vision": ("SiglipVisionModel", "siglip_vision", "siglip"),
+}
+#: prefix tokens each tiny model has (n_registers=2)
+TINY_PREFIX = {
+    "vit": ("cls",), "deit": ("cls", "distillation"), "deit_teacher": ("cls", "distillation"),
+    "dinov2_registers": ("cls", "register_0", "register_1"), "dinov2": ("cls",), "clip_classifier": ("cls",),
+    "siglip_classifier": (), "vit_model": ("cls",), "deit_model": ("cls", "distillation"), "dinov2_model": ("cls",),
+    "dinov2_registers_model": ("cls", "register_0", "register_1"), "clip_vision": ("cls",),
+    "clip_vision_projection": ("cls",), "siglip_vision": (),
+}
 
 
 def save_tiny_model(path: str | Path, arch: str = "vit", *, image_size: int | tuple[int, int] = 32, patch: int = 8,
                     layers: int = 2, heads: int = 4, hidden: int = 32, class_names: tuple[str, ...] = CLASS_NAMES,
                     processor: bool = True, seed: int = 0, n_registers: int = 2) -> Path:
-    """Save a tiny randomly initialised image classifier with ``save_pretrained`` (safetensors).
+    """Save a tiny randomly initialised vision transformer with ``save_pretrained`` (safetensors).
 
     Args:
-        arch: one of :data:`TINY_ARCHS`.
-        processor: also save a ``preprocessor_config.json`` (ViTImageProcessorPil, mean = std = 0.5).
+        arch: one of :data:`TINY_ALL` (classifiers get ``class_names``; backbones have no head).
+        processor: also save a ``preprocessor_config.json`` of the kind real checkpoints of that class
+            carry: ViT-style (resize to the size; mean = std = 0.5), DINOv2's BitImageProcessor (resize the
+            shortest edge to 8/7 of the size, centre-crop the size, ImageNet statistics), CLIP's
+            (shortest edge = crop = size, CLIP statistics), SigLIP's (resize to the size).
 
     ``initializer_range=0.2`` gives attention maps far from uniform, so wrong maps are visible.
     """
@@ -95,28 +128,67 @@ def save_tiny_model(path: str | Path, arch: str = "vit", *, image_size: int | tu
     import transformers as T
 
     path = Path(path)
+    if arch not in _TINY:
+        raise ValueError(f"unknown tiny arch {arch!r}; known: {TINY_ALL}")
+    cls_name, cfg_kind, proc_kind = _TINY[arch]
     labels = {i: n for i, n in enumerate(class_names)}
-    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
-                  image_size=image_size, patch_size=patch, num_labels=len(class_names), id2label=labels,
-                  label2id={n: i for i, n in labels.items()}, initializer_range=0.2)
-    if arch == "vit":
-        cfg, cls = T.ViTConfig(**common), T.ViTForImageClassification
-    elif arch == "deit":
-        cfg, cls = T.DeiTConfig(**common), T.DeiTForImageClassification
-    elif arch == "deit_teacher":
-        cfg, cls = T.DeiTConfig(**common), T.DeiTForImageClassificationWithTeacher
-    elif arch == "dinov2_registers":
-        cfg, cls = T.Dinov2WithRegistersConfig(**common, num_register_tokens=n_registers), \
-            T.Dinov2WithRegistersForImageClassification
-    else:
-        raise ValueError(f"unknown tiny arch {arch!r}; known: {TINY_ARCHS}")
+    head = dict(num_labels=len(class_names), id2label=labels, label2id={n: i for i, n in labels.items()})
+    is_classifier = arch in TINY_CLASSIFIERS
+    tower = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
+                 image_size=image_size, patch_size=patch, initializer_range=0.2)
+    text = dict(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=2 * hidden,
+                vocab_size=64, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    extra = head if is_classifier else {}
+    if cfg_kind == "vit":
+        cfg = T.ViTConfig(**tower, **extra)
+    elif cfg_kind == "deit":
+        cfg = T.DeiTConfig(**tower, **extra)
+    elif cfg_kind == "dinov2":
+        cfg = T.Dinov2Config(**tower, **extra)
+    elif cfg_kind == "dinov2_registers":
+        cfg = T.Dinov2WithRegistersConfig(**tower, num_register_tokens=n_registers, **extra)
+    elif cfg_kind == "clip_vision":
+        cfg = T.CLIPVisionConfig(**tower, projection_dim=16)
+    elif cfg_kind == "siglip_vision":
+        cfg = T.SiglipVisionConfig(**tower)
+    elif cfg_kind == "clip":
+        cfg = T.CLIPConfig(vision_config=tower, text_config=text, projection_dim=16, initializer_range=0.2, **extra)
+    elif cfg_kind == "siglip":
+        cfg = T.SiglipConfig(vision_config=tower, text_config=text, initializer_range=0.2, **extra)
+    else:  # pragma: no cover
+        raise AssertionError(cfg_kind)
     torch.manual_seed(seed)
-    model = cls(cfg).eval()
+    model = getattr(T, cls_name)._from_config(cfg).eval()
+    with torch.no_grad():
+        if cfg_kind in ("clip", "siglip"):  # classifiers: the tower's weights are drawn with the tower's range
+            for n, prm in model.named_parameters():
+                if prm.ndim == 2 and "vision_model" in n:
+                    prm.normal_(0.0, 0.2)
+        # layer norms as a trained model has them (scale and shift away from 1 and 0): with the default
+        # init, a norm right before the output makes the embedding's length constant
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm) and mod.elementwise_affine:
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0.0, 0.2)
     model.save_pretrained(path)
     if processor:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        T.ViTImageProcessorPil(size={"height": h, "width": w}).save_pretrained(path)
+        if proc_kind == "vit":
+            T.ViTImageProcessorPil(size={"height": h, "width": w}).save_pretrained(path)
+        elif proc_kind == "bit":
+            T.BitImageProcessorPil(size={"shortest_edge": round(min(h, w) * 8 / 7)}, crop_size={"height": h, "width": w},
+                                   do_center_crop=True, image_mean=list(IMAGENET_MEAN),
+                                   image_std=list(IMAGENET_STD)).save_pretrained(path)
+        elif proc_kind == "clip":
+            T.CLIPImageProcessorPil(size={"shortest_edge": min(h, w)}, crop_size={"height": h, "width": w}
+                                    ).save_pretrained(path)
+        else:
+            T.SiglipImageProcessorPil(size={"height": h, "width": w}).save_pretrained(path)
     return path
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def write_images(folder: str | Path, names: list[str], *, size: tuple[int, int] = (40, 48), seed: int = 0) -> list[Path]:

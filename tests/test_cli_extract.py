@@ -70,7 +70,7 @@ def test_extract_end_to_end_and_info(env, tmp_path, capsys):
         assert (rec.n_layers, rec.n_heads) == (2, 4)
         assert rec.layout().prefix_names == ("cls",) and rec.layout().grid == (4, 4)
         assert rec.skipped()[0][0] == "square/broken.jpg"
-        assert rec.attribution_methods() == ["integrated_gradients", "occlusion", "rollout", "saliency"]
+        assert rec.attribution_methods() == ["rollout", "saliency"]  # the fast default
         assert rec.thumbnail(0).shape == (32, 32, 3)
         assert rec.model_name == "vit" and rec.model_class == "ViTForImageClassification"
         accuracy = rec.accuracy
@@ -105,7 +105,7 @@ BAD = {
     "missing model path": (["--model", "{root}/no-such-model"], "model directory {root}/no-such-model does not exist"),
     "not a model": (["--model", "{root}/notmodel"], "not a model directory (no config.json)"),
     "unsupported architecture": (["--model", "{root}/bert"], "BertForMaskedLM is not supported by any adapter; "
-                                 "supported: ViTForImageClassification, DeiTForImageClassification"),
+                                 "supported: ViTForImageClassification, ViTModel, DeiTForImageClassification"),
     "hub id not cached": (["--model", "nobody-xyz/not-cached-vit"],
                           "not a model in the local Hugging Face cache (attnviz never downloads"),
     "empty folder": (["--input", "{root}/empty"], "holds no images"),

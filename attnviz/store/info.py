@@ -41,6 +41,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "classes": rec.class_names(),
             "labelled_samples": labelled,
             "accuracy": rec.accuracy,
+            "has_predictions": rec.has_predictions,
+            "model_output": rec.extraction_params.get("output", "logits"),
             "attributions": rec.attribution_methods(),
             "head_metrics": rec.head_metrics(),
             "analyses": rec.analyses(),
@@ -72,6 +74,10 @@ def format_description(d: dict[str, Any]) -> str:
     ]
     if d["accuracy"] is not None:
         lines.append(f"  accuracy   {d['accuracy']:.1%}")
+    if not d.get("has_predictions", True) and d["samples"]:
+        out = d.get("model_output", "logits")
+        how = f"; its output is the pooled embedding ({out})" if out != "logits" else ""
+        lines.append(f"  predictions  none: the model has no classification head{how}")
     for kind, s in d["stacks"].items():
         geo = f", grid {s['grid'][0]}x{s['grid'][1]}" if s["grid"] else ""
         if s["grid"] and s["patch_size"]:

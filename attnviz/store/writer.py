@@ -341,6 +341,11 @@ class RecordingWriter:
         return out
 
     @property
+    def n_logit_columns(self) -> int:
+        """Columns of ``samples/logits``: the number of class names, at least 1."""
+        return self._n_classes
+
+    @property
     def h5(self) -> h5py.File:
         """The open file, for adding things outside the per-sample loop (e.g. head metrics)."""
         return self._f

@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ARCHITECTURES",
+    "OUTPUTS",
+    "INTERPOLATIONS",
     "Adapter",
     "ArchitectureSpec",
     "BatchOutput",
@@ -88,6 +90,13 @@ class StackModules:
         return re.compile(rf"^{self.layers}\.{re.escape(rel)}$")
 
 
+#: what a model's forward gives for an image (ArchitectureSpec.output): "logits" for a classifier; for a
+#: backbone without a classification head, where its pooled image embedding is
+OUTPUTS = ("logits", "cls_token", "pooler_output", "image_embeds", "mean_tokens")
+#: how a model meets inputs at another resolution than its config's (ArchitectureSpec.interpolation)
+INTERPOLATIONS = ("flag", "always", "none")
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
     """Facts about one transformers model class.
@@ -103,6 +112,16 @@ class ArchitectureSpec:
         image_mean / image_std: normalisation used when the model directory has no
             ``preprocessor_config.json`` (the processor is then built from the config).
         default_for_type: this row is used for a config of ``model_type`` that names no architecture.
+        vision_config: None when the config itself describes the vision tower (image_size, patch_size,
+            layers, heads), else the attribute holding the tower's sub-config (``vision_config`` of a
+            ``CLIPConfig``).
+        output: "logits" for a classifier; for a backbone without a classification head, its pooled
+            image embedding: "cls_token" (``last_hidden_state[:, 0]``, after the final norm),
+            "pooler_output", "image_embeds" (a projection head), or "mean_tokens" (mean of
+            ``last_hidden_state`` over the patch tokens).
+        interpolation: inputs at another resolution than the config's: "flag" (the forward takes
+            ``interpolate_pos_encoding=True``), "always" (the model interpolates by itself: DINOv2),
+            "none" (refused).
     """
 
     model_class: str
@@ -114,6 +133,20 @@ class ArchitectureSpec:
     image_mean: tuple[float, ...] = HALF
     image_std: tuple[float, ...] = HALF
     default_for_type: bool = False
+    vision_config: str | None = None
+    output: str = "logits"
+    interpolation: str = "flag"
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise ValueError(f"{self.model_class}: output must be one of {OUTPUTS}, got {self.output!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"{self.model_class}: interpolation must be one of {INTERPOLATIONS}")
+
+    @property
+    def has_classifier(self) -> bool:
+        """True for classifiers (logits over classes); False for backbones that output an embedding."""
+        return self.output == "logits"
 
     def stack(self, kind: str) -> StackModules:
         for s in self.stacks:
@@ -121,28 +154,72 @@ class ArchitectureSpec:
                 return s
         raise KeyError(f"{self.model_class} has no {kind!r} attention stack")
 
+    def vision(self, config: Any) -> Any:
+        """The config that describes the vision tower: ``config`` or its ``vision_config`` sub-config."""
+        return getattr(config, self.vision_config) if self.vision_config else config
+
     def prefix_names(self, config: Any) -> tuple[str, ...]:
         """All prefix tokens of a model with this ``config``: fixed ones, then registers."""
-        n_reg = int(getattr(config, self.register_tokens_from, 0) or 0) if self.register_tokens_from else 0
+        vision = self.vision(config)
+        n_reg = int(getattr(vision, self.register_tokens_from, 0) or 0) if self.register_tokens_from else 0
         return self.prefix_tokens + tuple(f"register_{i}" for i in range(n_reg))
 
 
+# Layer paths, transformers 5 (checked with named_modules() on tiny models of every class; the tests
+# do it again). Classifiers hold the backbone under a prefix; bare backbones have none.
 _VIT_LAYERS = StackModules("self", r"vit\.layers\.(\d+)")
+_VIT_BASE_LAYERS = StackModules("self", r"layers\.(\d+)")
 _DEIT_LAYERS = StackModules("self", r"deit\.layers\.(\d+)")
+_DINOV2_LAYERS = StackModules("self", r"dinov2\.encoder\.layer\.(\d+)")
+_DINOV2_BASE_LAYERS = StackModules("self", r"encoder\.layer\.(\d+)")
 _DINOV2_REG_LAYERS = StackModules("self", r"dinov2_with_registers\.encoder\.layer\.(\d+)")
+# CLIP and SigLIP towers (and the towers of vision-language models): self_attn with out_proj; the
+# classifiers and CLIPVisionModelWithProjection hold the tower as `vision_model`, the bare towers do not.
+# SiglipVisionModel's attention-pooling head (`head.attention`) is not an encoder layer and never matches.
+_CLIP_ATTENTION = dict(attention="self_attn", query="self_attn.q_proj", key="self_attn.k_proj",
+                       value="self_attn.v_proj", output_projection="self_attn.out_proj")
+_CLIP_LAYERS = StackModules("self", r"(?:vision_model\.)?encoder\.layers\.(\d+)", **_CLIP_ATTENTION)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_IMAGENET = dict(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 #: Every supported model class. transformers 5 module paths (checked with ``named_modules()``).
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
-    ArchitectureSpec("ViTForImageClassification", "vit", "vit", (_VIT_LAYERS,), ("cls",),
-                     default_for_type=True),
-    # DeiT always prepends a distillation token after CLS (both classes share DeiTEmbeddings)
+    # ViT
+    ArchitectureSpec("ViTForImageClassification", "vit", "vit", (_VIT_LAYERS,), ("cls",), default_for_type=True),
+    ArchitectureSpec("ViTModel", "vit", "vit", (_VIT_BASE_LAYERS,), ("cls",), output="cls_token"),
+    # DeiT always prepends a distillation token after CLS (every class shares DeiTEmbeddings)
     ArchitectureSpec("DeiTForImageClassification", "deit", "vit", (_DEIT_LAYERS,), ("cls", "distillation"),
-                     image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, default_for_type=True),
+                     default_for_type=True, **_IMAGENET),
     ArchitectureSpec("DeiTForImageClassificationWithTeacher", "deit", "vit", (_DEIT_LAYERS,),
-                     ("cls", "distillation"), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD),
+                     ("cls", "distillation"), **_IMAGENET),
+    ArchitectureSpec("DeiTModel", "deit", "vit", (_VIT_BASE_LAYERS,), ("cls", "distillation"),
+                     output="cls_token", **_IMAGENET),
+    # DINOv2 interpolates its position embeddings for any input size by itself
+    ArchitectureSpec("Dinov2ForImageClassification", "dinov2", "vit", (_DINOV2_LAYERS,), ("cls",),
+                     interpolation="always", **_IMAGENET),
+    ArchitectureSpec("Dinov2Model", "dinov2", "vit", (_DINOV2_BASE_LAYERS,), ("cls",), output="cls_token",
+                     interpolation="always", default_for_type=True, **_IMAGENET),
     ArchitectureSpec("Dinov2WithRegistersForImageClassification", "dinov2_with_registers", "vit",
                      (_DINOV2_REG_LAYERS,), ("cls",), register_tokens_from="num_register_tokens",
-                     image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, default_for_type=True),
+                     interpolation="always", default_for_type=True, **_IMAGENET),
+    ArchitectureSpec("Dinov2WithRegistersModel", "dinov2_with_registers", "vit", (_DINOV2_BASE_LAYERS,), ("cls",),
+                     register_tokens_from="num_register_tokens", output="cls_token", interpolation="always",
+                     **_IMAGENET),
+    # CLIP: the classifier's config is a CLIPConfig whose vision_config describes the tower
+    ArchitectureSpec("CLIPVisionModel", "clip_vision_model", "vit", (_CLIP_LAYERS,), ("cls",), output="pooler_output",
+                     default_for_type=True, image_mean=CLIP_MEAN, image_std=CLIP_STD),
+    ArchitectureSpec("CLIPVisionModelWithProjection", "clip_vision_model", "vit", (_CLIP_LAYERS,), ("cls",),
+                     output="image_embeds", image_mean=CLIP_MEAN, image_std=CLIP_STD),
+    ArchitectureSpec("CLIPForImageClassification", "clip", "vit", (_CLIP_LAYERS,), ("cls",),
+                     vision_config="vision_config", default_for_type=True, image_mean=CLIP_MEAN, image_std=CLIP_STD),
+    # SigLIP: no CLS token; the bare tower pools with its attention head (pooler_output; the mean of the
+    # patch tokens when it has none), the classifier mean-pools the patch tokens
+    ArchitectureSpec("SiglipVisionModel", "siglip_vision_model", "vit", (_CLIP_LAYERS,), (), output="pooler_output",
+                     default_for_type=True),
+    ArchitectureSpec("SiglipForImageClassification", "siglip", "vit", (_CLIP_LAYERS,), (),
+                     vision_config="vision_config", default_for_type=True),
 )
 
 
@@ -225,13 +302,16 @@ class BatchOutput:
 
     Attributes:
         attention: kind -> float tensor ``[batch, layer, head, query_pos, key_pos]``.
-        logits: float tensor ``[batch, n_classes]``.
+        logits: float tensor ``[batch, n_classes]``, or None for a model without a classification head.
         lengths: kind -> int ``[batch, 2]`` valid (query_len, key_len) where lengths vary.
+        embedding: float tensor ``[batch, dim]``: the pooled output of a backbone without a
+            classification head (None for classifiers).
     """
 
     attention: dict[str, torch.Tensor]
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     lengths: dict[str, np.ndarray] = field(default_factory=dict)
+    embedding: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -283,8 +363,12 @@ class Adapter(ABC):
     @classmethod
     @abstractmethod
     def load(cls, source: ModelSource, config: Any, arch: ArchitectureSpec, *, device: torch.device,
-             autocast_dtype: torch.dtype | None) -> Adapter:
-        """Load the model (and its processor) from ``source.path``."""
+             autocast_dtype: torch.dtype | None, **options: Any) -> Adapter:
+        """Load the model (and its processor) from ``source.path``.
+
+        ``options`` are the family's own load options (vit: ``image_size``); an option the family does
+        not take is an :class:`InputError`.
+        """
 
     # description
     @property
@@ -296,9 +380,15 @@ class Adapter(ABC):
         return type(self.model).__name__
 
     @property
+    def has_classifier(self) -> bool:
+        """False for a backbone without a classification head (it outputs an embedding, no logits)."""
+        return self.arch.has_classifier
+
+    @property
     def class_names(self) -> list[str]:
-        """Class index -> name from ``config.id2label`` (empty for models without classes)."""
-        return class_names_of(self.config)
+        """Class index -> name from ``config.id2label``; empty for a backbone without a classification
+        head (its config's default ``LABEL_0, LABEL_1`` name nothing)."""
+        return class_names_of(self.config) if self.has_classifier else []
 
     def config_dict(self) -> dict[str, Any]:
         return self.config.to_dict()
@@ -306,6 +396,13 @@ class Adapter(ABC):
     @abstractmethod
     def stacks(self) -> list[StackSpec]:
         """One :class:`StackSpec` (with its :class:`TokenLayout`) per attention kind recorded."""
+
+    def stack(self, kind: str = "self") -> StackSpec:
+        """The :class:`StackSpec` of one recorded attention kind."""
+        for st in self.stacks():
+            if st.kind == kind:
+                return st
+        raise KeyError(f"{self.model_class} records no {kind!r} attention")
 
     @property
     def main_layout(self) -> TokenLayout:
@@ -324,7 +421,12 @@ class Adapter(ABC):
     @abstractmethod
     def logits_fn(self) -> Callable[[Any], Any]:
         """``forward(model_input) -> logits [batch, classes]`` on the model's device (differentiable),
-        used by attribution methods and head importance."""
+        used by attribution methods and head importance. Only for classifiers (:attr:`has_classifier`)."""
+
+    def embedding_fn(self) -> Callable[[Any], Any]:
+        """``forward(model_input) -> embedding [batch, dim]`` (differentiable): the pooled output of a
+        backbone without a classification head, what its attribution targets and head importance use."""
+        raise ModelError(f"{self.model_class} has no pooled embedding output")
 
     # module lookup (hooks, tests, importance)
     def modules(self, what: str = "output_projection", kind: str = "self") -> list[tuple[int, str, Any]]:
@@ -412,7 +514,7 @@ def load_config(source: ModelSource) -> Any:
 
 
 def load_model(ref: str | os.PathLike, *, family: str | None = None, device: str = "auto",
-               dtype: str = "float32") -> Adapter:
+               dtype: str = "float32", image_size: tuple[int, int] | None = None) -> Adapter:
     """Resolve, detect and load a model through its adapter.
 
     Args:
@@ -420,6 +522,8 @@ def load_model(ref: str | os.PathLike, *, family: str | None = None, device: str
         family: expected family ("vit", ...); None = whatever the config says.
         device: "auto" | "cpu" | "cuda".
         dtype: forward dtype on the GPU: "float32" | "float16" | "bfloat16".
+        image_size: (height, width) of the model input when it should differ from the model's own
+            (position embeddings are interpolated; image models only). None: the model's size.
 
     Raises:
         ModelError: not found, not a model, unsupported architecture, family mismatch, load failure.
@@ -436,7 +540,8 @@ def load_model(ref: str | os.PathLike, *, family: str | None = None, device: str
         get_adapter(family)
         if arch.family != family:
             raise ModelError(f"{source.ref} is a {arch.model_class} ({arch.family} family), not a {family} model")
-    return get_adapter(arch.family).load(source, config, arch, device=dev, autocast_dtype=autocast)
+    options = {"image_size": image_size} if image_size is not None else {}
+    return get_adapter(arch.family).load(source, config, arch, device=dev, autocast_dtype=autocast, **options)
 
 
 def _first_line(e: BaseException) -> str:

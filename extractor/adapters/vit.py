@@ -1,9 +1,15 @@
-"""The ``vit`` adapter: image classifiers with self-attention over prefix tokens + patches.
+"""The ``vit`` adapter: vision transformers with self-attention over prefix tokens + patches.
 
-Handles every ``family="vit"`` row of :data:`extractor.adapters.base.ARCHITECTURES`
-(ViTForImageClassification, DeiTForImageClassification[WithTeacher], Dinov2WithRegisters...).
+Handles every ``family="vit"`` row of :data:`extractor.adapters.base.ARCHITECTURES`: image classifiers
+(ViT, DeiT, DINOv2, CLIP and SigLIP ``*ForImageClassification``) and bare backbones without a
+classification head (``ViTModel``, ``DeiTModel``, ``Dinov2Model``, ``CLIPVisionModel[WithProjection]``,
+``SiglipVisionModel``, ...), which output a pooled embedding instead of logits.
+
 Loading is local only (a ``save_pretrained`` directory or the local hub cache), safetensors only,
-with eager attention so that the model returns its attention probabilities.
+with eager attention so that the model returns its attention probabilities. Inputs can be recorded at
+another resolution than the config's (``image_size``): the processor makes that size and the position
+embeddings are interpolated (``interpolate_pos_encoding=True``, or by the model itself for DINOv2), so
+the patch grid differs from the config's.
 """
 
 from __future__ import annotations
@@ -45,11 +51,21 @@ class VitAdapter(Adapter):
     name = "vit"
     input_kind = "image"
 
-    def __init__(self, *, processor: Any, input_size: tuple[int, int], **kw: Any) -> None:
+    def __init__(self, *, processor: Any, input_size: tuple[int, int], processor_kwargs: dict[str, Any] | None = None,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         self.processor = processor
         self.input_size = input_size
-        patch = self.config.patch_size
+        # call-time overrides of the processor's size/crop (a resolution other than the config's)
+        self.processor_kwargs = dict(processor_kwargs or {})
+        self.vision = self.arch.vision(self.config)
+        size = self.vision.image_size
+        native = (size, size) if isinstance(size, int) else tuple(size)
+        # pass interpolate_pos_encoding only where it changes something: at the native size the
+        # forward is the model's own, bit for bit
+        self._forward_kwargs = ({"interpolate_pos_encoding": True}
+                                if self.arch.interpolation == "flag" and tuple(input_size) != tuple(native) else {})
+        patch = self.vision.patch_size
         ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
         h, w = input_size
         if h % ph or w % pw:
@@ -70,8 +86,22 @@ class VitAdapter(Adapter):
 
     @classmethod
     def load(cls, source: ModelSource, config: Any, arch: ArchitectureSpec, *, device: torch.device,
-             autocast_dtype: torch.dtype | None) -> VitAdapter:
+             autocast_dtype: torch.dtype | None, image_size: tuple[int, int] | None = None,
+             **options: Any) -> VitAdapter:
+        """Load the model and its image processor.
+
+        Args:
+            image_size: (height, width) to record at instead of the processor's own size; it must be a
+                multiple of the patch size, and the model must interpolate its position embeddings
+                (every row of the table but those with ``interpolation="none"``).
+        """
         import transformers
+
+        if options:
+            raise InputError(f"the vit family takes no option(s) {', '.join(sorted(options))}")
+        if image_size is not None and arch.interpolation == "none":
+            raise InputError(f"{arch.model_class} cannot interpolate its position embeddings: record it at its own "
+                             "input size (leave out --image-size)")
 
         from transformers.utils import logging as hf_logging
 
@@ -89,16 +119,18 @@ class VitAdapter(Adapter):
                 hf_logging.enable_progress_bar()
         model.eval().to(device)
         processor = _load_processor(source, config, arch)
-        input_size = _fixed_input_size(processor, source)
+        kwargs = _size_overrides(processor, image_size) if image_size is not None else {}
+        input_size = _fixed_input_size(processor, source, kwargs)
         return cls(model=model, config=config, arch=arch, source=source, device=device,
-                   autocast_dtype=autocast_dtype, processor=processor, input_size=input_size)
+                   autocast_dtype=autocast_dtype, processor=processor, input_size=input_size,
+                   processor_kwargs=kwargs)
 
     # -- description -------------------------------------------------------------------------
 
     def stacks(self) -> list[StackSpec]:
         t = self.layout.n_tokens
         assert t is not None
-        return [StackSpec("self", int(self.config.num_hidden_layers), int(self.config.num_attention_heads), t, t,
+        return [StackSpec("self", int(self.vision.num_hidden_layers), int(self.vision.num_attention_heads), t, t,
                           self.layout)]
 
     # -- per batch ---------------------------------------------------------------------------
@@ -118,7 +150,7 @@ class VitAdapter(Adapter):
             except Exception as e:
                 raise InputError(f"{it.id} could be read when the run started but not now ({e}); "
                                  "did the input change?") from None
-        px = self.processor(images, return_tensors="pt")["pixel_values"]
+        px = self.processor(images, return_tensors="pt", **self.processor_kwargs)["pixel_values"]
         if tuple(px.shape[-2:]) != self.input_size:
             raise ModelError(f"the image processor made {tuple(px.shape[-2:])} inputs, expected {self.input_size}")
         thumbs = self._thumbnails(px.numpy())
@@ -131,7 +163,7 @@ class VitAdapter(Adapter):
     def run(self, batch: PreparedBatch) -> BatchOutput:
         px = batch.inputs["pixel_values"].to(self.device, non_blocking=True)
         with autocast(self.device, self.autocast_dtype):
-            out = self.model(pixel_values=px, output_attentions=True)
+            out = self.model(pixel_values=px, output_attentions=True, **self._forward_kwargs)
         attentions = out.attentions
         if not attentions:
             raise ModelError(f"{self.model_class} returned no attention weights (is eager attention set?)")
@@ -145,17 +177,47 @@ class VitAdapter(Adapter):
         maps = torch.empty((b, len(attentions), h, q, k), dtype=torch.float16, device=attentions[0].device)
         for layer, a in enumerate(attentions):
             maps[:, layer].copy_(a)
-        return BatchOutput(attention={"self": maps}, logits=out.logits.float())
+        if self.has_classifier:
+            return BatchOutput(attention={"self": maps}, logits=out.logits.float())
+        return BatchOutput(attention={"self": maps}, logits=None, embedding=self._embedding(out).float())
 
     def logits_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        model, device, dtype = self.model, self.device, self.autocast_dtype
+        if not self.has_classifier:
+            raise ModelError(f"{self.model_class} has no classification head, so no logits; its targets are "
+                             "embedding_norm or embedding_similarity")
+        model, device, dtype, kw = self.model, self.device, self.autocast_dtype, self._forward_kwargs
 
         def forward(pixel_values: torch.Tensor) -> torch.Tensor:
             """``pixel_values`` float ``[batch, 3, image_h, image_w]`` -> logits float32 ``[batch, classes]``."""
             with autocast(device, dtype):
-                return model(pixel_values=pixel_values).logits.float()
+                return model(pixel_values=pixel_values, **kw).logits.float()
 
         return forward
+
+    def embedding_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.has_classifier:
+            raise ModelError(f"{self.model_class} is a classifier: its targets are the logits (predicted or label)")
+        model, device, dtype, kw = self.model, self.device, self.autocast_dtype, self._forward_kwargs
+
+        def forward(pixel_values: torch.Tensor) -> torch.Tensor:
+            """``pixel_values`` float ``[batch, 3, image_h, image_w]`` -> pooled embedding float32 ``[batch, dim]``."""
+            with autocast(device, dtype):
+                return self._embedding(model(pixel_values=pixel_values, **kw)).float()
+
+        return forward
+
+    def _embedding(self, out: Any) -> torch.Tensor:
+        """The pooled image embedding ``[batch, dim]`` of a backbone's output (the table's ``output``)."""
+        how = self.arch.output
+        if how == "image_embeds":
+            return out.image_embeds
+        if how == "pooler_output" and getattr(out, "pooler_output", None) is not None:
+            return out.pooler_output
+        hidden = out.last_hidden_state
+        if how == "cls_token":
+            return hidden[:, 0]
+        # mean over the patch tokens (also a pooler_output model built without its pooling head)
+        return hidden[:, self.layout.n_prefix:].mean(dim=1)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -175,7 +237,8 @@ class VitAdapter(Adapter):
             return np.zeros((th, tw), np.uint8)
         m = read_mask(it.mask)
         binary = Image.fromarray(np.where(np.asarray(m) > 0, 255, 0).astype(np.uint8)).convert("RGB")
-        geo = self.processor([binary], do_normalize=False, do_rescale=False, return_tensors="np")["pixel_values"]
+        geo = self.processor([binary], do_normalize=False, do_rescale=False, return_tensors="np",
+                             **self.processor_kwargs)["pixel_values"]
         plane = np.asarray(geo[0, 0], np.float32)
         if plane.shape != (th, tw):
             plane = np.asarray(Image.fromarray(plane.astype(np.uint8)).resize((tw, th), Image.Resampling.BILINEAR),
@@ -198,19 +261,46 @@ def _load_processor(source: ModelSource, config: Any, arch: ArchitectureSpec) ->
             raise ModelError(f"{source.ref}: cannot load preprocessor_config.json ({_first_line(e)})") from None
     from transformers import ViTImageProcessorPil
 
-    size = config.image_size
+    size = arch.vision(config).image_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return ViTImageProcessorPil(do_resize=True, size={"height": h, "width": w}, do_rescale=True,
                                 rescale_factor=1 / 255, do_normalize=True, image_mean=list(arch.image_mean),
                                 image_std=list(arch.image_std))
 
 
-def _fixed_input_size(processor: Any, source: ModelSource) -> tuple[int, int]:
+def _size_overrides(processor: Any, image_size: tuple[int, int]) -> dict[str, Any]:
+    """Processor call arguments that make inputs of ``image_size`` (height, width) with the processor's
+    own geometry: a processor that resizes to a fixed size resizes to ``image_size``; one that resizes the
+    shortest edge and centre-crops keeps its resize-to-crop ratio (DINOv2: 256 -> 224) and crops
+    ``image_size``."""
+    h, w = (int(image_size[0]), int(image_size[1]))
+    if h < 1 or w < 1:
+        raise InputError(f"--image-size must be positive, got {h}x{w}")
+    size = getattr(processor, "size", None)
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    if crop is not None and get(crop, "height"):
+        ratio = 1.0
+        if get(size, "shortest_edge"):
+            ratio = float(get(size, "shortest_edge")) / min(float(get(crop, "height")), float(get(crop, "width")))
+            resize = {"shortest_edge": int(round(min(h, w) * ratio))}
+        else:
+            ratio_h = float(get(size, "height") or get(crop, "height")) / float(get(crop, "height"))
+            ratio_w = float(get(size, "width") or get(crop, "width")) / float(get(crop, "width"))
+            resize = {"height": int(round(h * ratio_h)), "width": int(round(w * ratio_w))}
+        return {"size": resize, "crop_size": {"height": h, "width": w}}
+    return {"size": {"height": h, "width": w}}
+
+
+def _fixed_input_size(processor: Any, source: ModelSource, kwargs: dict[str, Any] | None = None) -> tuple[int, int]:
     """The (h, w) the processor makes; two probe images of different aspect ratios must agree."""
     sizes = set()
     for shape in ((37, 53), (61, 29)):
         probe = Image.new("RGB", (shape[1], shape[0]), (127, 127, 127))
-        px = processor([probe], return_tensors="np")["pixel_values"]
+        px = processor([probe], return_tensors="np", **(kwargs or {}))["pixel_values"]
         sizes.add(tuple(int(v) for v in px.shape[-2:]))
     if len(sizes) != 1:
         raise ModelError(f"{source.ref}: the image processor does not make a fixed input size ({sorted(sizes)}); "

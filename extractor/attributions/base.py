@@ -14,13 +14,15 @@ import numpy as np
 
 from attnviz.errors import InputError
 from attnviz.store.schema import AttributionSpec, TokenLayout
+from extractor.targets import TARGETS as _TARGET_TABLE
 
 __all__ = ["AttributionMethod", "RESOLUTIONS", "TARGETS", "register", "get", "available", "spec", "compute"]
 
 RESOLUTIONS = ("pixel", "patch")
-# Which class an attribution explains: the model's prediction (argmax of the logits) or the
-# sample's label. The extractor turns this into the `targets` tensor it passes to compute().
-TARGETS = ("predicted", "label")
+# What an attribution explains (extractor.targets): the predicted class's or the label's logit of a
+# classifier, the embedding norm or similarity of a backbone. The extractor turns it into the
+# `forward` and `targets` it passes to compute().
+TARGETS = tuple(_TARGET_TABLE)
 
 
 @dataclass(frozen=True)
@@ -100,12 +102,15 @@ def spec(name: str, *, layout: TokenLayout, target: str) -> AttributionSpec:
     method = get(name)
     if target not in TARGETS:
         raise InputError(f"unknown attribution target {target!r}; choose one of {', '.join(TARGETS)}")
+    description = method.describe()
+    if not _TARGET_TABLE[target].classifier:  # the methods describe logits; say what a backbone's score is
+        description += f"; target: {_TARGET_TABLE[target].definition} in place of the logit"
     return AttributionSpec(
         name=method.name,
         shape=method.shape(layout),
         resolution=method.resolution,
         target=target,
-        description=method.describe(),
+        description=description,
     )
 
 

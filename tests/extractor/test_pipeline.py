@@ -138,10 +138,17 @@ def test_labels_predictions_logits_and_head_stats(data, tmp_path):
         assert rec.extraction_params["batch_size"] == 2
 
 
+def test_default_attributions_are_the_cheap_ones(data, tmp_path):
+    out = run(data, tmp_path / "r.h5", attributions=None, limit=2)
+    with attnviz.open(out) as rec:
+        assert rec.attribution_methods() == ["rollout", "saliency"]
+        assert rec.extraction_params["attributions"] == ["rollout", "saliency"]
+
+
 def test_all_attributions_are_recorded_with_their_shapes(data, tmp_path):
     from extractor import attributions as A
 
-    out = run(data, tmp_path / "r.h5", attributions=None, limit=3)
+    out = run(data, tmp_path / "r.h5", attributions=parse_attributions("all"), limit=3)
     with attnviz.open(out) as rec:
         assert rec.attribution_methods() == sorted(A.available())
         for name in A.available():
@@ -199,13 +206,30 @@ def test_manifest_masks_are_recorded(data, tmp_path):
 def test_parse_attributions():
     from extractor import attributions as A
 
-    assert parse_attributions("all") is None and parse_attributions(None) is None
+    assert parse_attributions("default") is None and parse_attributions(None) is None
+    assert parse_attributions("all") == tuple(A.available())
     assert parse_attributions("none") == ()
     assert parse_attributions("rollout, saliency,rollout") == ("rollout", "saliency")
     with pytest.raises(InputError, match="unknown attribution method 'gradcam'; available: " + ", ".join(A.available())):
         parse_attributions("saliency,gradcam")
     with pytest.raises(InputError, match="cannot be combined"):
         parse_attributions("none,saliency")
+    with pytest.raises(InputError, match="cannot be combined"):
+        parse_attributions("all,saliency")
+
+
+def test_parse_image_size_and_format_rate():
+    from extractor.pipeline import format_rate, parse_image_size
+
+    assert parse_image_size("224") == (224, 224) and parse_image_size("448x336") == (448, 336)
+    assert parse_image_size(None) is None
+    for bad in ("big", "0", "1x2x3", "-4x8"):
+        with pytest.raises(InputError, match="--image-size"):
+            parse_image_size(bad)
+    assert format_rate(30, 10.0) == "3.0 img/s"
+    assert format_rate(3, 12.0) == "4.0 s/img"  # not "0.2 img/s" (or, rounded, "0.0 img/s")
+    assert format_rate(2, 3000.0) == "25.0 min/img"
+    assert format_rate(0, 1.0) == "no imgs recorded"
 
 
 def _datasets(path: Path) -> dict[str, np.ndarray]:

@@ -1,0 +1,176 @@
+"""Every vision class of the architecture table, as users have them (``save_pretrained`` dirs of tiny random
+models): the recorded maps equal the model's own ``output_attentions`` at its own size and at another
+resolution; backbones without a classification head record no predictions; their attribution targets
+equal an independent computation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attnviz
+from attnviz.errors import InputError
+from extractor.adapters import ARCHITECTURES, load_model, supported_architectures
+from extractor.pipeline import ExtractOptions, extract
+from tests.helpers import TINY_ALL, TINY_BACKBONES, TINY_CLASSIFIERS, TINY_PREFIX, _TINY, save_tiny_model, write_images
+
+NAMES = ["cat/a.png", "cat/b.png", "d.png", "dog/c.png"]  # the recording's order: sorted paths
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("backbones")
+    for arch in TINY_ALL:
+        save_tiny_model(root / arch, arch)
+    write_images(root / "imgs", NAMES, size=(37, 51))
+    return root
+
+
+def _run(root: Path, arch: str, out: Path, **kw) -> Path:
+    opts = dict(model=str(root / arch), input=str(root / "imgs"), out=str(out), device="cpu", batch_size=3,
+                attributions=(), progress=False)
+    opts.update(kw)
+    return extract(ExtractOptions(**opts)).path
+
+
+def _independent_pixels(model_dir: Path, size: tuple[int, int] | None) -> torch.Tensor:
+    """The inputs as the checkpoint's own processor makes them, resized by hand for another size:
+    ViT/SigLIP processors resize to (h, w); DINOv2's and CLIP's resize the shortest edge and centre-crop."""
+    import transformers
+
+    proc = transformers.AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    kwargs = {}
+    if size is not None:
+        h, w = size
+        if getattr(proc, "do_center_crop", False):
+            ratio = proc.size["shortest_edge"] / proc.crop_size["height"]
+            kwargs = {"size": {"shortest_edge": round(min(h, w) * ratio)}, "crop_size": {"height": h, "width": w}}
+        else:
+            kwargs = {"size": {"height": h, "width": w}}
+    images = [Image.open(model_dir.parent / "imgs" / n).convert("RGB") for n in NAMES]
+    return proc(images, return_tensors="pt", **kwargs)["pixel_values"]
+
+
+def _own_attentions(model_dir: Path, arch: str, px: torch.Tensor, interpolate: bool) -> np.ndarray:
+    """``output_attentions`` of the model loaded straight from transformers: [batch, layer, head, q, k]."""
+    import transformers
+
+    cls = getattr(transformers, _TINY[arch][0])
+    model = cls.from_pretrained(model_dir, attn_implementation="eager").eval()
+    kw = {"interpolate_pos_encoding": True} if interpolate and not arch.startswith("dinov2") else {}
+    with torch.no_grad():
+        out = model(pixel_values=px, output_attentions=True, **kw)
+    return torch.stack(out.attentions, 1).numpy()
+
+
+def test_every_class_users_bring_is_a_row_of_the_table():
+    wanted = {"Dinov2ForImageClassification", "Dinov2Model", "Dinov2WithRegistersModel", "ViTModel", "DeiTModel",
+              "CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel", "CLIPForImageClassification",
+              "SiglipForImageClassification", "ViTForImageClassification", "DeiTForImageClassification"}
+    assert wanted <= set(supported_architectures())
+    assert {_TINY[a][0] for a in TINY_ALL} == set(supported_architectures())  # every row is tested below
+    assert {r.model_class for r in ARCHITECTURES if not r.has_classifier} == {_TINY[a][0] for a in TINY_BACKBONES}
+
+
+@pytest.mark.parametrize("arch", TINY_ALL)
+def test_module_patterns_find_one_projection_per_layer(arch, root):
+    adapter = load_model(root / arch, device="cpu")
+    for what in ("attention", "query", "key", "value", "output_projection"):
+        assert [layer for layer, _, _ in adapter.modules(what)] == [0, 1], what
+    for _, name, mod in adapter.modules("output_projection"):
+        assert isinstance(mod, torch.nn.Linear) and mod.in_features == 32 and not name.startswith("head.")
+    assert adapter.model.config._attn_implementation == "eager"
+    assert adapter.main_layout.prefix_names == TINY_PREFIX[arch]
+    assert adapter.has_classifier == (arch in TINY_CLASSIFIERS)
+    assert adapter.class_names == (["circle", "square", "triangle"] if arch in TINY_CLASSIFIERS else [])
+
+
+@pytest.mark.parametrize("arch", TINY_ALL)
+@pytest.mark.parametrize("size", [None, (48, 40)], ids=["own-size", "48x40"])
+def test_recorded_maps_equal_the_models_own_attentions(arch, size, root, tmp_path):
+    out = _run(root, arch, tmp_path / "r.h5", image_size=size)
+    px = _independent_pixels(root / arch, size)
+    ref = _own_attentions(root / arch, arch, px, interpolate=size is not None)
+    h, w = size or (32, 32)
+    with attnviz.open(out) as rec:
+        lay = rec.layout()
+        assert lay.grid == (h // 8, w // 8) and lay.image_size == (h, w)
+        assert lay.prefix_names == TINY_PREFIX[arch]
+        assert ref.shape[-1] == lay.n_prefix + (h // 8) * (w // 8) and rec.sample_ids() == NAMES
+        got = np.stack([[rec.attention_heads(s, layer) for layer in range(rec.n_layers)] for s in range(4)])
+        assert np.abs(got - ref).max() <= 1e-3  # float16 storage of probabilities
+        assert rec.thumbnail(0).shape == (h, w, 3)
+
+
+@pytest.mark.parametrize("arch", TINY_BACKBONES)
+def test_backbone_records_no_predictions_and_keeps_the_input_labels(arch, root, tmp_path):
+    out = _run(root, arch, tmp_path / "r.h5", attributions=("rollout",))
+    with attnviz.open(out) as rec:
+        assert not rec.has_predictions and rec.accuracy is None
+        assert (rec.predictions() == -1).all() and np.isnan(rec.logits()).all()
+        assert rec.class_names() == ["cat", "dog"]  # from the subfolders: the model has no classes
+        assert rec.sample_ids() == NAMES
+        assert rec.labels().tolist() == [0, 0, -1, 1]
+        assert rec.attribution_info("rollout").target == "embedding_norm"
+        assert rec.extraction_params["output"] != "logits"
+
+
+def test_label_targets_and_class_names_refused_for_backbones(root, tmp_path):
+    with pytest.raises(InputError, match="no classification head.*embedding_norm or embedding_similarity"):
+        _run(root, "dinov2_model", tmp_path / "a.h5", target="predicted")
+    with pytest.raises(InputError, match="has a classification head; use predicted or label"):
+        _run(root, "vit", tmp_path / "b.h5", target="embedding_norm")
+    with pytest.raises(InputError, match="saliency of --target embedding_similarity is zero"):
+        _run(root, "dinov2_model", tmp_path / "c.h5", target="embedding_similarity", attributions=("saliency",))
+    assert not list(tmp_path.iterdir())
+
+
+def test_image_size_must_fit_the_patch_grid(root, tmp_path):
+    with pytest.raises(attnviz.AttnvizError, match="not a multiple of the patch size 8x8"):
+        _run(root, "vit", tmp_path / "a.h5", image_size=(50, 40))
+
+
+def _embedding(arch: str, model_dir: Path, px: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = getattr(transformers, _TINY[arch][0]).from_pretrained(model_dir).eval()
+    out = model(pixel_values=px)
+    if arch == "clip_vision_projection":
+        return out.image_embeds
+    if arch in ("clip_vision", "siglip_vision"):
+        return out.pooler_output
+    return out.last_hidden_state[:, 0]
+
+
+@pytest.mark.parametrize("arch", ["dinov2_model", "siglip_vision", "clip_vision_projection"])
+def test_embedding_norm_saliency_is_the_gradient_of_the_norm(arch, root, tmp_path):
+    out = _run(root, arch, tmp_path / "r.h5", attributions=("saliency",), limit=2)
+    px = _independent_pixels(root / arch, None)[:2].clone().requires_grad_(True)
+    norm = _embedding(arch, root / arch, px).norm(dim=-1).sum()
+    (grad,) = torch.autograd.grad(norm, px)
+    expected = grad.abs().amax(dim=1).numpy()
+    with attnviz.open(out) as rec:
+        got = np.stack([rec.attribution(s, "saliency") for s in range(2)])
+        assert "||e(x)||_2" in rec.attribution_info("saliency").description
+    assert np.allclose(got, expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())
+    assert np.abs(expected).max() > 0
+
+
+def test_embedding_similarity_occlusion_is_one_minus_the_cosine_of_the_occluded_image(root, tmp_path):
+    arch = "dinov2_model"
+    out = _run(root, arch, tmp_path / "r.h5", attributions=("occlusion",), target="embedding_similarity", limit=2)
+    px = _independent_pixels(root / arch, None)[:2]
+    with torch.no_grad():
+        e = _embedding(arch, root / arch, px)
+        for (r, c) in [(0, 0), (2, 3)]:
+            hidden = px.clone()
+            hidden[:, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] = 0.0  # the occlusion baseline
+            cos = torch.nn.functional.cosine_similarity(_embedding(arch, root / arch, hidden), e, dim=-1)
+            with attnviz.open(out) as rec:
+                for s in range(2):
+                    got = rec.attribution(s, "occlusion")[r * 8 + 3, c * 8 + 3]
+                    assert got == pytest.approx(1.0 - float(cos[s]), abs=1e-5)
