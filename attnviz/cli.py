@@ -129,11 +129,13 @@ def importance(
 
 
 def _echo_importance(path: Path, result) -> None:  # result: extractor.importance.ImportanceResult
+    from attnviz.analysis.importance import accuracy_name
+
     c = result.curves
     best = max(c.auc, key=c.auc.get)
     typer.echo(f"{path}: head importance of {c.n_samples} input(s), targets = {c.target_source}s, {c.ablation} "
-               f"ablation; base accuracy {c.base_accuracy:.1%}; best pruning AUC {best} {c.auc[best]:.3f} "
-               f"(random {c.random.auc_mean:.3f} +- {c.random.auc_std:.3f})")
+               f"ablation; base {accuracy_name(c.target_source)} {c.base_accuracy:.1%}; best pruning AUC {best} "
+               f"{c.auc[best]:.3f} (random {c.random.auc_mean:.3f} +- {c.random.auc_std:.3f})")
 
 
 @app.command()

@@ -26,6 +26,7 @@ Targets: the labels when every sample has one, else the unablated model's own pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
@@ -60,6 +61,7 @@ __all__ = [
     "mean_head_outputs",
     "single_head_masks",
     "auto_max_rows",
+    "retrieval_logits_fn",
     "compute_importance",
     "store_importance",
     "ABLATIONS",
@@ -580,6 +582,26 @@ def store_importance(target: Any, result: ImportanceResult) -> None:
 STAT_METRICS = ("entropy", "confidence")  # from the recorded maps (attnviz.analysis.head_stats)
 
 
+def retrieval_logits_fn(adapter: Any, batches: Sequence[Mapping[str, Any]],
+                        temperature: float = A.RETRIEVAL_TEMPERATURE) -> LogitsFn:
+    """Scores of a backbone without a classification head (``attnviz.analysis.importance``, "Targets"):
+    ``logits(x) [rows, N] = cos(e(x), r_j) / temperature`` against the unablated embeddings ``r``
+    ``[N, dim]`` of every evaluation input (computed here once, in batch order), so that input ``i``'s
+    target is ``i`` and every importance metric keeps its definition."""
+    embed = adapter.embedding_fn()
+    refs = []
+    with torch.no_grad():
+        for inp in batches:
+            refs.append(F.normalize(embed(**_to(inp, adapter.device)).float(), dim=-1))
+    reference = torch.cat(refs)  # [N, dim]
+
+    def logits(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        e = F.normalize(embed(**inputs).float(), dim=-1)
+        return e @ reference.to(e.device).T / temperature
+
+    return logits
+
+
 def _adapter_logits_fn(adapter: Any) -> LogitsFn:
     forward = adapter.logits_fn()  # takes the model's keyword inputs, applies the adapter's autocast
     return lambda model, inputs: forward(**inputs)
@@ -628,17 +650,22 @@ def run_importance(adapter: Any, input_path: str, into: Any, options: Importance
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     pattern = adapter.arch.stack(kind).pattern("output_projection")
-    sites = find_output_projections(adapter.model, pattern, n_heads=int(adapter.config.num_attention_heads))
+    sites = find_output_projections(adapter.model, pattern, n_heads=adapter.stack(kind).n_heads)
     with attnviz.open(into) as rec:
         if not rec.complete:
             raise InputError(f"{into}: the recording is incomplete; finish it with `attnviz extract --resume` first")
         if rec.stack_shape(kind) != sites.shape:
             raise InputError(f"{into} records {rec.stack_shape(kind)[0]}x{rec.stack_shape(kind)[1]} heads, the model "
                              f"has {sites.n_layers}x{sites.n_heads}: give the recording of this model")
-    inputs = INPUT_COLLECTORS[adapter.input_kind](input_path, class_names=adapter.class_names, limit=limit)
+    inputs = INPUT_COLLECTORS[adapter.input_kind](input_path, class_names=adapter.class_names if adapter.has_classifier
+                                                  else None, limit=limit)
     extra = {"model": adapter.source.ref, "input": str(input_path), "limit": limit, "kind": kind}
     items = inputs.items
-    source = "label" if all(it.label >= 0 for it in items) else "prediction"
+    if not adapter.has_classifier:
+        source = "embedding"
+        extra["retrieval_temperature"] = A.RETRIEVAL_TEMPERATURE
+    else:
+        source = "label" if all(it.label >= 0 for it in items) else "prediction"
     params = {**options.params(), "target_source": source, "n_samples": len(items), **extra}
     if not force:
         with attnviz.open(into) as rec:
@@ -649,8 +676,14 @@ def run_importance(adapter: Any, input_path: str, into: Any, options: Importance
         pb = adapter.prepare(items[start:start + batch_size])
         batches.append(pb.inputs)
         labels.append(pb.labels)
-    logits_fn = _adapter_logits_fn(adapter)
-    data = prepare_eval_data(adapter.model, batches, labels, logits_fn=logits_fn)
+    if adapter.has_classifier:
+        logits_fn = _adapter_logits_fn(adapter)
+        data = prepare_eval_data(adapter.model, batches, labels, logits_fn=logits_fn)
+    else:
+        logits_fn = retrieval_logits_fn(adapter, batches)
+        own = [np.arange(start, start + len(lab)) for start, lab in zip(range(0, len(items), batch_size), labels)]
+        data = dataclasses.replace(prepare_eval_data(adapter.model, batches, own, logits_fn=logits_fn),
+                                   target_source="embedding")
     if data.target_source == "prediction":
         import sys
 

@@ -17,6 +17,16 @@ metric in the file and shown on the Heads page; ``docs/importance.md`` has the l
 * ``entropy`` and ``confidence`` come from the recorded maps (``attnviz.analysis.head_stats``);
   confidence is the "confident heads" measure of Voita et al., ACL 2019.
 
+Targets. With labels on every input the targets are the labels; otherwise the unablated model's own
+predictions ("agreement"). A backbone without a classification head has no classes: its targets are
+the inputs themselves (``target_source = "embedding"``). The scores of an input are the cosine
+similarities of its (ablated) pooled embedding to the unablated embeddings ``r_1 .. r_N`` of all N
+evaluation inputs, over a temperature: ``z_j(x_i) = cos(e(x_i), r_j) / tau``, ``tau = 0.1``; the target
+of ``x_i`` is ``i``. "Accuracy" is then retrieval accuracy (the ablated embedding is still nearest its
+own unablated one), the loss is the InfoNCE cross-entropy of that retrieval (van den Oord, Li & Vinyals
+2018, "Representation Learning with Contrastive Predictive Coding"; the instance discrimination of Wu
+et al. 2018) and the KL compares the retrieval distributions: every metric above keeps its definition.
+
 Iterative pruning (Michel et al. 2019, Sec. 4.2): heads are removed cumulatively from the least to
 the most important by a metric, in steps of 10% of all heads, and the accuracy recorded after
 each step; a metric that ranks well keeps the accuracy high for longer, so the area under the
@@ -48,7 +58,37 @@ __all__ = [
     "ANALYSIS_NAME",
     "ImportanceCurves",
     "read_importance",
+    "TARGET_SOURCES",
+    "RETRIEVAL_TEMPERATURE",
+    "accuracy_name",
+    "target_note",
 ]
+
+#: temperature of the retrieval scores of a backbone's importance run (see the module docstring)
+RETRIEVAL_TEMPERATURE = 0.1
+
+#: target source -> (what its "accuracy" is called, one sentence on what the targets were)
+TARGET_SOURCES: dict[str, tuple[str, str]] = {
+    "label": ("accuracy", "Targets: the true labels."),
+    "prediction": ("agreement with the unablated model",
+                   "Targets: the model's own predictions (the inputs had no labels), so 'accuracy' is agreement "
+                   "with the unablated model and the loss is measured against its predictions."),
+    "embedding": ("retrieval accuracy",
+                  "Targets: each input's own embedding (the model has no classification head). Scores are the "
+                  "cosine similarities of an input's embedding to the unablated embeddings of every input, over "
+                  f"a temperature of {RETRIEVAL_TEMPERATURE}; 'accuracy' is retrieval accuracy (the ablated "
+                  "embedding is still nearest its own unablated one), the loss its InfoNCE cross-entropy."),
+}
+
+
+def accuracy_name(target_source: str) -> str:
+    """What "accuracy" means for runs with these targets (axis titles, messages)."""
+    return TARGET_SOURCES.get(target_source, ("accuracy", ""))[0]
+
+
+def target_note(target_source: str) -> str:
+    """One sentence on what the targets of a run were."""
+    return TARGET_SOURCES.get(target_source, ("", f"Targets: {target_source}."))[1]
 
 
 @dataclass(frozen=True)
@@ -237,8 +277,9 @@ class ImportanceCurves:
     """Everything head importance stores besides the head metrics, at ``analyses/importance``.
 
     Attributes:
-        target_source: "label" (true labels) or "prediction" (the unablated model's predictions
-            served as targets because the data had no labels).
+        target_source: "label" (true labels), "prediction" (the unablated model's predictions
+            served as targets because the data had no labels) or "embedding" (a backbone: each input's
+            own unablated embedding, see the module docstring); :data:`TARGET_SOURCES`.
         ablation: "zero" or "mean".
         n_samples: samples the metrics were measured on.
         base_accuracy / base_loss: the unablated model on those samples.

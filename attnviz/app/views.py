@@ -199,13 +199,23 @@ def model_card(rec: Recording) -> list[tuple[str, str]]:
         rows.append((f"attention '{kind}'", f"{shape[0]} × {shape[1]}{extra}{pre}"))
     rows += [
         ("samples", f"{rec.n_samples}" + ("" if rec.complete else f" of {rec.n_planned} (incomplete)")),
-        ("accuracy", "—" if acc is None else f"{acc:.1%}" + ("" if rec.target_source == "label" else " (vs. predictions)")),
+        ("accuracy", _accuracy_text(rec, acc)),
         ("classes", f"{n_classes}: " + ", ".join(rec.class_names()[:12]) + (" …" if n_classes > 12 else "")),
         ("attributions", ", ".join(rec.attribution_methods()) or "none"),
         ("head metrics", ", ".join(rec.head_metrics()) or "none (run `attnviz analyze`)"),
         ("recorded", rec.created),
     ]
     return rows
+
+
+def _accuracy_text(rec: Recording, acc: float | None) -> str:
+    if not rec.has_predictions and rec.n_samples:
+        out = rec.extraction_params.get("output", "")
+        return "none: the model has no classification head" + (f" (its output: the pooled embedding, {out})"
+                                                                  if out and out != "logits" else "")
+    if acc is None:
+        return "—"
+    return f"{acc:.1%}" + ("" if rec.target_source == "label" else " (vs. predictions)")
 
 
 def filter_samples(rec: Recording, classes: Sequence[int] | None = None, correctness: str = "all") -> np.ndarray:
@@ -252,6 +262,8 @@ def thumbnail_page(rec: Recording, *, colour_by: str = "correctness", classes: S
     The page's mosaic is cached per recording (a few pages), so selecting another sample only
     redraws the figure around the cached image.
     """
+    if not rec.has_predictions:  # a backbone without a classification head: labels are all there is
+        colour_by, correctness = "label", "all"
     key = (colour_by, tuple(sorted(classes)) if classes else None, correctness, page, per_page, cols, tile)
     base = lru(rec, "thumb_page", key, lambda: _thumbnail_page(rec, colour_by, classes, correctness, page, per_page,
                                                                 cols, tile), maxsize=8)

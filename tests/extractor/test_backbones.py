@@ -174,3 +174,46 @@ def test_embedding_similarity_occlusion_is_one_minus_the_cosine_of_the_occluded_
                 for s in range(2):
                     got = rec.attribution(s, "occlusion")[r * 8 + 3, c * 8 + 3]
                     assert got == pytest.approx(1.0 - float(cos[s]), abs=1e-5)
+
+
+def test_backbone_head_importance_is_retrieval_of_each_inputs_own_embedding(root, tmp_path):
+    """Head importance of a model without classes: scores cos(e(x_i), r_j) / 0.1 against the unablated
+    embeddings r of every input, target i; checked here for one head written out by hand."""
+    from attnviz.analysis.importance import RETRIEVAL_TEMPERATURE, accuracy_name
+    from extractor.importance import ImportanceOptions, run_importance
+
+    arch = "dinov2_model"
+    out = _run(root, arch, tmp_path / "r.h5")
+    adapter = load_model(root / arch, device="cpu")
+    res = run_importance(adapter, str(root / "imgs"), out, ImportanceOptions(
+        progress=False, random_seeds=1, prune_steps=2, partial_fractions=(1.0, 0.5)), batch_size=2)
+    assert res.curves.target_source == "embedding" and accuracy_name("embedding") == "retrieval accuracy"
+    assert res.curves.base_accuracy == 1.0  # every intact embedding is nearest itself
+
+    import transformers
+
+    model = transformers.Dinov2Model.from_pretrained(root / arch).eval()
+    px = _independent_pixels(root / arch, None)
+    layer, head, d = 1, 2, 8
+
+    def zero_head(module, args):
+        x = args[0].clone()
+        x[..., head * d:(head + 1) * d] = 0.0
+        return (x,)
+
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(model(pixel_values=px).last_hidden_state[:, 0], dim=-1)
+        handle = model.encoder.layer[layer].attention.o_proj.register_forward_pre_hook(zero_head)
+        try:
+            e_abl = torch.nn.functional.normalize(model(pixel_values=px).last_hidden_state[:, 0], dim=-1)
+        finally:
+            handle.remove()
+    logp = torch.log_softmax(e @ e.T / RETRIEVAL_TEMPERATURE, -1).double()
+    logq = torch.log_softmax(e_abl @ e.T / RETRIEVAL_TEMPERATURE, -1).double()
+    kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
+    loss = float(-logq.diagonal().mean() + logp.diagonal().mean())
+    assert kl > 1e-3  # the head matters enough for the check to mean something
+    assert res.metrics["kl_divergence"][layer, head] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    assert res.metrics["loss_increase"][layer, head] == pytest.approx(loss, rel=1e-4, abs=1e-7)
+    with attnviz.open(out) as rec:
+        assert rec.head_metric_info("kl_divergence").params["target_source"] == "embedding"

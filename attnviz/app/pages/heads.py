@@ -125,10 +125,7 @@ def spearman(rec: Recording, names: tuple[str, ...]) -> tuple[list[str], np.ndar
 
 
 def _target_note(c: A.ImportanceCurves) -> str:
-    if c.target_source == "prediction":
-        return ("Targets: the model's own predictions (the inputs had no labels), so 'accuracy' is agreement "
-                "with the unablated model and the loss is measured against its predictions.")
-    return "Targets: the true labels."
+    return A.target_note(c.target_source)
 
 
 # -- callbacks -----------------------------------------------------------------------------------------
@@ -145,7 +142,8 @@ def status(data: Any):
         return message(_howto(sel.file), "warning")
     text = (f"Measured on {c.n_samples} input(s), {c.ablation} ablation (a head's output at the input of the "
             f"output projection set to {'zero' if c.ablation == 'zero' else 'its mean over the inputs'}); "
-            f"unablated accuracy {c.base_accuracy:.1%}, loss {c.base_loss:.3f} nats. {_target_note(c)} "
+            f"unablated {A.accuracy_name(c.target_source)} {c.base_accuracy:.1%}, loss {c.base_loss:.3f} nats. "
+            f"{_target_note(c)} "
             f"Selected: layer {sel.layer}, head {sel.head}.")
     return message(text, "warning" if c.target_source == "prediction" else "info")
 
@@ -240,7 +238,7 @@ def pruning(data: Any, metric: str | None):
         return fig_message(_howto(sel.file))
     rb = c.random
     n_layers, n_heads = c.partial_accuracy.shape[:2]
-    y = "accuracy" if c.target_source == "label" else "agreement with the unablated model"
+    y = A.accuracy_name(c.target_source)
     return fig_pruning_curves(
         c.pruning_fractions, {m: c.curve(m) for m in c.pruning_metrics}, random_mean=rb.mean, random_std=rb.std,
         random_low=rb.low, random_high=rb.high, auc=c.auc, random_auc=(rb.auc_mean, rb.auc_std),
@@ -260,7 +258,7 @@ def partial(data: Any):
     if c.partial_accuracy.shape[:2] != rec.stack_shape():
         return fig_message("The stored partial-pruning results do not match this recording's heads.")
     l, h = sel.layer, sel.head
-    y = "accuracy" if c.target_source == "label" else "agreement"
+    y = A.accuracy_name(c.target_source).replace(" with the unablated model", "")
     return fig_partial_pruning(c.partial_fractions, c.partial_accuracy[l, h], layer=l, head=h,
                                base_accuracy=c.base_accuracy, kl=c.partial_kl[l, h], y_title=y,
                                title=f"Layer {l}, head {h}")

@@ -88,6 +88,9 @@ def thumbs(data: Any, colour_by: str, classes: list[int] | None, correctness: st
     last = min(p.n_matching, (p.page + 1) * PER_PAGE)
     count = (f"{p.n_matching} of {rec.n_samples} samples match; showing {first}–{last} "
              f"(page {p.page + 1} of {p.n_pages}). Click a tile to select it." if p.n_matching else "no sample matches")
+    if not rec.has_predictions:
+        count += (" The model has no classification head, so there are no predictions: tiles are coloured by "
+                  "label and the correct/incorrect filter does not apply.")
     return p.figure, count, p.n_pages
 
 
@@ -109,18 +112,21 @@ def sample_card(data: Any):
     s = sel.sample
     names = rec.class_names()
     lab, pred = int(rec.labels()[s]), int(rec.predictions()[s])
-    logits = np.asarray(rec.logits(s), np.float64)
-    prob = np.exp(logits - logits.max())
-    prob /= prob.sum()
-    top = np.argsort(-prob)[:5]
     name = lambda c: names[c] if 0 <= c < len(names) else "—"  # noqa: E731
-    verdict = "" if lab < 0 else (" ✓" if lab == pred else " ✗")
+    rows = [html.Dt("sample"), html.Dd(f"#{s}  {rec.sample_ids()[s]}"), html.Dt("label"), html.Dd(name(lab))]
+    if rec.has_predictions:
+        logits = np.asarray(rec.logits(s), np.float64)
+        prob = np.exp(logits - logits.max())
+        prob /= prob.sum()
+        top = np.argsort(-prob)[:5]
+        verdict = "" if lab < 0 else (" ✓" if lab == pred else " ✗")
+        rows += [html.Dt("prediction"), html.Dd(name(pred) + verdict)]
+        rows += sum(([html.Dt(f"p({name(int(c))})"), html.Dd(f"{prob[c]:.3f}")] for c in top), [])
+    else:
+        rows += [html.Dt("prediction"), html.Dd("none: the model has no classification head")]
     return html.Div([
         html.Img(src=image_data_uri(rec.thumbnail(s)), style={"width": "160px", "imageRendering": "pixelated",
                                                               "border": "1px solid #ddd"}),
-        html.Dl([html.Dt("sample"), html.Dd(f"#{s}  {rec.sample_ids()[s]}"),
-                 html.Dt("label"), html.Dd(name(lab)),
-                 html.Dt("prediction"), html.Dd(name(pred) + verdict)]
-                + sum(([html.Dt(f"p({name(int(c))})"), html.Dd(f"{prob[c]:.3f}")] for c in top), []), className="av-kv"),
+        html.Dl(rows, className="av-kv"),
         dcc.Link("open in the attention explorer →", href="/explorer"),
     ])
