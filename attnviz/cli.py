@@ -61,6 +61,9 @@ def extract(
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Record at another input size than the "
                                              "model's, e.g. 448 or 448x336 (height x width, multiples of the patch "
                                              "size); position embeddings are interpolated."),
+    store_qk: float = typer.Option(0.0, "--store-qk", help="Also store every head's query and key vectors for the "
+                                   "joint query-key view (AttentionViz), at this fraction of each image's tokens "
+                                   "(CLS always): 1 = all (about as many bytes again as the maps), 0.25 = a quarter."),
     compression: str = typer.Option("auto", "--compression", help="HDF5 compression: auto (lzf on a GPU run, "
                                     "none on the CPU, where lzf costs CPU time and attention maps hardly "
                                     "compress), lzf, gzip (smaller, slower) or none."),
@@ -76,7 +79,8 @@ def extract(
 
     opts = ExtractOptions(model=model, input=str(input_path), out=str(out), family=family, device=device, dtype=dtype,
                           batch_size=batch_size, limit=limit, attributions=parse_attributions(attributions),
-                          target=target, image_size=parse_image_size(image_size), compression=compression,
+                          target=target, image_size=parse_image_size(image_size), store_qk=store_qk,
+                          compression=compression,
                           overwrite=overwrite, resume=resume, progress=progress)
     result = run_extract(opts)
     imp = None
@@ -164,6 +168,12 @@ def analyze(
     clusters: str = typer.Option("auto", "--clusters", help="Patterns: auto (K by silhouette), a number K, or hdbscan."),
     device: str = typer.Option("auto", "--device", help="Patterns: where the autoencoder trains: auto, cpu, cuda."),
     absolute_maps: bool = typer.Option(False, "--absolute-maps", help="Patterns: absolute maps, not query-centred."),
+    qk: bool = typer.Option(False, "--qk", help="Joint query-key embedding of every head (AttentionViz; needs a "
+                            "recording made with --store-qk). See docs/qk.md."),
+    qk_method: str = typer.Option("umap", "--qk-method", help="Query-key: umap (a few seconds per head), tsne "
+                                  "(slower) or pca (instant)."),
+    qk_points: int = typer.Option(1000, "--qk-points", min=4, help="Query-key: tokens per head (each gives a "
+                                  "query and a key point)."),
 ) -> None:
     """Compute derived per-head results and store them in the recording.
 
@@ -184,6 +194,11 @@ def analyze(
 
         for line in patterns_step(file, max_maps=max_maps, latent=latent, clusters=clusters, device=device,
                                   absolute=absolute_maps):
+            typer.echo(f"{file}: {line}")
+    if qk:
+        from attnviz.analysis.qk import analyze_step as qk_step
+
+        for line in qk_step(file, method=qk_method, max_points=qk_points):
             typer.echo(f"{file}: {line}")
 
 

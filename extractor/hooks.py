@@ -6,6 +6,8 @@ A forward pre-hook on that projection sees every head's output before the heads 
 same hook point serves every model family:
 
 * :func:`capture_head_outputs` — record ``head_out: [batch, seq, head, head_dim]`` per layer;
+* :func:`capture_projections` — record the outputs of the query or key projections,
+  ``q: [batch, seq, head, head_dim]`` per layer (the joint query-key view, ``--store-qk``);
 * :func:`ablate_heads` — replace chosen heads by zero or by a given mean, with a per-row head mask
   ``[batch, layer, head]`` so many different ablations run in one replicated batch;
 * :func:`scale_heads` — multiply each head by a gate ``[layer, head]`` or ``[batch, layer, head]``
@@ -39,6 +41,7 @@ __all__ = [
     "HeadSites",
     "find_output_projections",
     "capture_head_outputs",
+    "capture_projections",
     "ablate_heads",
     "scale_heads",
     "partial_attention",
@@ -220,6 +223,35 @@ def capture_head_outputs(sites: HeadSites, *, detach: bool = True) -> Iterator[d
 
     with _pre_hooks(sites, make):
         yield out
+
+
+@contextmanager
+def capture_projections(modules: list[nn.Module] | tuple[nn.Module, ...], n_heads: int, *,
+                        detach: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the outputs of one projection per layer (the query or the key projection of a stack).
+
+    Args:
+        modules: the projections in layer order (``nn.Linear``, out_features = n_heads * head_dim; head h
+            owns features ``[h*d:(h+1)*d]``).
+        n_heads: heads per layer.
+
+    Yields:
+        a dict filled during the forward: layer -> ``proj_out: [batch, seq, head, head_dim]`` (the
+        projection's output before any 1/sqrt(d) scaling or rotary embedding). A later forward overwrites.
+    """
+    out: dict[int, torch.Tensor] = {}
+    handles = []
+    try:
+        for layer, module in enumerate(modules):
+            def hook(mod: nn.Module, args: tuple[Any, ...], result: torch.Tensor, layer: int = layer) -> None:
+                y = result.view(*result.shape[:-1], n_heads, result.shape[-1] // n_heads)
+                out[layer] = y.detach() if detach else y
+            setattr(hook, _HOOK_TAG, True)
+            handles.append(module.register_forward_hook(hook))
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager

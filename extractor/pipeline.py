@@ -49,7 +49,9 @@ TARGETS = TARGET_NAMES
 #: tens to hundreds of forward passes per image (``docs/attributions.md``)
 DEFAULT_ATTRIBUTIONS = ("rollout", "saliency")
 # parameters that change what is recorded: a resumed run must use the same ones
-_RESUME_KEYS = ("model_class", "attributions", "target", "dtype", "image_size")
+_RESUME_KEYS = ("model_class", "attributions", "target", "dtype", "image_size", "store_qk")
+#: seeds the per-sample choice of token positions whose query/key vectors are stored
+QK_SEED = 20231105
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ class ExtractOptions:
             "embedding_similarity".
         image_size: (height, width) to record at instead of the model's own input size (position
             embeddings interpolated), or None.
+        store_qk: also store every head's query and key vectors at this fraction of each sample's token
+            positions (prefix tokens always, the rest drawn at random per sample, seeded by its index),
+            for the joint query-key view; 0 = none, 1 = every position.
         compression: "auto" | "lzf" | "gzip" | "none"; "auto" = lzf when the model runs on a GPU, none
             on the CPU (see :func:`resolve_compression`).
         overwrite / resume: replace an existing output / continue an interrupted one.
@@ -87,6 +92,7 @@ class ExtractOptions:
     attributions: tuple[str, ...] | None = None
     target: str = "auto"
     image_size: tuple[int, int] | None = None
+    store_qk: float = 0.0
     compression: str = "auto"
     overwrite: bool = False
     resume: bool = False
@@ -207,6 +213,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         raise InputError(f"unknown compression {opts.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
     if opts.target not in TARGETS:
         raise InputError(f"unknown --target {opts.target!r}; choose one of {', '.join(TARGETS)}")
+    if not 0.0 <= float(opts.store_qk) <= 1.0:
+        raise InputError(f"--store-qk must be a fraction of the tokens in (0, 1] (or 0 for none), got {opts.store_qk}")
     if opts.image_size is not None and (len(opts.image_size) != 2 or min(opts.image_size) < 1):
         raise InputError(f"--image-size must be a positive height x width, got {opts.image_size}")
     if opts.family is not None:
@@ -250,6 +258,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         "input": str(opts.input), "limit": opts.limit, "attributions": methods, "target": target.name,
         "target_definition": target.definition if methods else None,
         "image_size": list(layout.image_size) if opts.image_size is not None else None,
+        "store_qk": float(opts.store_qk),
         "dtype": opts.dtype, "device": device.type, "batch_size": opts.batch_size,
         "compression": compression, "torch": torch.__version__,
     }
@@ -264,7 +273,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     else:
         writer = RecordingWriter.create(
             out, family=adapter.name, model_name=adapter.model_name, model_class=adapter.model_class,
-            sample_ids=inputs.ids, stacks=adapter.stacks(),
+            sample_ids=inputs.ids, stacks=_with_qk(adapter, opts.store_qk),
             class_names=adapter.class_names if adapter.has_classifier else list(inputs.class_names),
             labels=np.array([it.label for it in inputs.items], np.int32),
             thumbnail_shape=adapter.thumbnail_size,
@@ -306,6 +315,88 @@ def extract(opts: ExtractOptions) -> ExtractResult:
                          skipped=skipped, adapter=adapter, head_stats_seconds=stats_seconds)
 
 
+def _with_qk(adapter: Adapter, fraction: float) -> list[Any]:
+    """The adapter's stacks, the main one with room for query/key vectors when ``fraction`` > 0."""
+    import dataclasses
+
+    stacks = adapter.stacks()
+    if fraction <= 0:
+        return stacks
+    main = stacks[0]
+    n_tokens = max(main.max_query, main.max_key)
+    head_dim = _head_dim(adapter, main.kind)
+    n_keep = qk_token_count(n_tokens, main.layout.n_prefix, fraction)
+    return [dataclasses.replace(main, qk_tokens=n_keep, head_dim=head_dim, qk_fraction=float(fraction)), *stacks[1:]]
+
+
+def _head_dim(adapter: Adapter, kind: str) -> int:
+    (_, _, q0), = adapter.modules("query", kind)[:1]
+    (_, _, k0), = adapter.modules("key", kind)[:1]
+    n_heads = adapter.stack(kind).n_heads
+    if q0.out_features != k0.out_features or q0.out_features % n_heads:
+        raise ModelError(f"{adapter.model_class}: query and key projections of {q0.out_features} and "
+                         f"{k0.out_features} features do not split into {n_heads} equal heads; --store-qk needs that")
+    return q0.out_features // n_heads
+
+
+def qk_token_count(n_tokens: int, n_prefix: int, fraction: float) -> int:
+    """How many positions ``--store-qk fraction`` keeps: every prefix token plus the fraction of the rest
+    (at least one), all of them for fraction 1."""
+    if fraction >= 1:
+        return n_tokens
+    rest = n_tokens - n_prefix
+    return min(n_tokens, n_prefix + max(1, int(np.ceil(fraction * rest))))
+
+
+def qk_positions(sample: int, n_tokens: int, n_prefix: int, n_keep: int) -> np.ndarray:
+    """The sorted token positions of ``sample`` whose vectors are stored: the prefix tokens, then
+    ``n_keep - n_prefix`` others drawn without replacement from a generator seeded by the sample's
+    index (so a resumed run draws the same ones)."""
+    if n_keep >= n_tokens:
+        return np.arange(n_tokens, dtype=np.int64)
+    rng = np.random.default_rng([QK_SEED, int(sample)])
+    rest = n_prefix + rng.choice(n_tokens - n_prefix, n_keep - n_prefix, replace=False)
+    return np.sort(np.concatenate([np.arange(n_prefix), rest])).astype(np.int64)
+
+
+def _qk_capture(adapter: Adapter, kind: str) -> Any:
+    """Context capturing one forward's query and key projections: yields (queries, keys) dicts layer ->
+    ``[batch, seq, head, head_dim]``."""
+    import contextlib
+
+    from extractor.hooks import capture_projections
+
+    n_heads = adapter.stack(kind).n_heads
+
+    @contextlib.contextmanager
+    def both():
+        q_mods = [m for _, _, m in adapter.modules("query", kind)]
+        k_mods = [m for _, _, m in adapter.modules("key", kind)]
+        with capture_projections(q_mods, n_heads) as q, capture_projections(k_mods, n_heads) as k:
+            yield q, k
+
+    return both()
+
+
+def _select_qk(captured: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]], start: int, n_prefix: int,
+               n_keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored positions of each sample of a batch and their vectors: positions ``[b, T]``, queries and
+    keys float16 ``[b, layer, head, T, head_dim]``."""
+    q, k = captured
+    n_layers = len(q)
+    b, seq = q[0].shape[:2]
+    pos = np.stack([qk_positions(start + j, seq, n_prefix, n_keep) for j in range(b)])  # [b, T]
+    index = torch.as_tensor(pos, device=q[0].device)
+
+    def pick(d: dict[int, torch.Tensor]) -> np.ndarray:
+        # [b, seq, head, dim] per layer -> [b, layer, head, T, dim]
+        stacked = torch.stack([d[layer] for layer in range(n_layers)], 1)  # [b, layer, seq, head, dim]
+        idx = index.view(b, 1, -1, 1, 1).expand(b, n_layers, index.shape[1], *stacked.shape[3:])
+        return torch.gather(stacked, 2, idx).transpose(2, 3).to(torch.float16).cpu().numpy()
+
+    return pos.astype(np.int32), pick(q), pick(k)
+
+
 def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, todo: list[tuple[int, int]],
                  methods: list[str], target: Target, opts: ExtractOptions) -> None:
     from extractor import attributions as A
@@ -315,6 +406,7 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
     bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress)
     main_kind, layout = adapter.stacks()[0].kind, adapter.main_layout
     n_columns = writer.n_logit_columns
+    n_keep_qk = writer.qk_tokens(main_kind)
     # one thread reads and preprocesses the next batch while the model runs this one
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-prepare") as pool:
         pending: Future[Any] | None = pool.submit(adapter.prepare, items[todo[0][0]:todo[0][1]]) if todo else None
@@ -322,8 +414,14 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
             assert pending is not None
             batch = pending.result()
             pending = pool.submit(adapter.prepare, items[todo[i + 1][0]:todo[i + 1][1]]) if i + 1 < len(todo) else None
+            qk: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
             with torch.no_grad():
-                out = adapter.run(batch)
+                if n_keep_qk:
+                    with _qk_capture(adapter, main_kind) as captured:
+                        out = adapter.run(batch)
+                    qk[main_kind] = _select_qk(captured, start, layout.n_prefix, n_keep_qk)
+                else:
+                    out = adapter.run(batch)
             # one device-to-host copy per kind and batch
             maps = {kind: m.cpu().numpy() for kind, m in out.attention.items()}
             b = stop - start
@@ -344,7 +442,7 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
                                                 attentions=attn32, layout=layout)
             writer.write(SampleBatch(start=start, attention=maps, predictions=predictions, logits=logits,
                                      lengths=out.lengths, labels=batch.labels, thumbnails=batch.thumbnails,
-                                     masks=batch.masks, attributions=attributions))
+                                     masks=batch.masks, attributions=attributions, qk=qk))
             bar.update(stop - start)
 
 

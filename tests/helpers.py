@@ -75,6 +75,38 @@ def make_recording(
     return Path(path)
 
 
+def make_qk_recording(path: str | Path, *, n_samples: int = 4, n_layers: int = 2, n_heads: int = 2,
+                      grid: tuple[int, int] = (3, 3), dim: int = 4, seed: int = 0) -> Path:
+    """A synthetic backbone recording whose maps are softmax(q k^T / sqrt(d)) of stored query/key vectors
+    (every position), with patch (0, 0) as every image's object mask."""
+    rng = np.random.default_rng(seed)
+    t = 1 + grid[0] * grid[1]
+    size = (grid[0] * 8, grid[1] * 8)
+    lay = TokenLayout(n_prefix=1, prefix_names=("cls",), grid=grid, patch_size=(8, 8), image_size=size)
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    w = RecordingWriter.create(path, family="vit", model_name="synthetic", model_class="ViTModel",
+                               sample_ids=[f"s{i}" for i in range(n_samples)],
+                               stacks=[StackSpec("self", n_layers, n_heads, t, t, lay, qk_tokens=t, head_dim=dim,
+                                                 qk_fraction=1.0)],
+                               class_names=[], thumbnail_shape=size, mask_shape=size, batch_size=n_samples)
+    q = rng.normal(size=(n_samples, n_layers, n_heads, t, dim)) * 2
+    k = rng.normal(size=(n_samples, n_layers, n_heads, t, dim)) * 2
+    maps = softmax(q @ np.swapaxes(k, -1, -2) / np.sqrt(dim))
+    masks = np.zeros((n_samples, *size), np.uint8)
+    masks[:, :8, :8] = 1  # patch (0, 0) is the object
+    with w:
+        w.write(SampleBatch(start=0, attention={"self": maps}, predictions=np.full(n_samples, -1),
+                            logits=np.full((n_samples, 1), np.nan),
+                            thumbnails=rng.integers(0, 255, (n_samples, *size, 3), dtype=np.uint8),
+                            masks=masks, qk={"self": (np.tile(np.arange(t), (n_samples, 1)), q, k)}))
+        w.finish()
+    return Path(path)
+
+
 # -- tiny models and images for extractor tests (torch/transformers imported lazily) ------------
 
 #: tiny classifiers (the original four) and every other class of the architecture table

@@ -152,12 +152,30 @@ class Recording:
             lens = lengths[()]
             if (lens < 0).any() or (lens[:, 0] > shape[3]).any() or (lens[:, 1] > shape[4]).any():
                 raise RecordingError(f"{p}: /{S.lengths_path(kind)} has lengths outside the maps' {shape[3]}x{shape[4]}")
+            self._validate_qk(kind, g, n, L, H, max(shape[3], shape[4]))
         try:  # touch the data: a damaged file can open and still fail on reading
             f[S.D_DONE][()]
             if self.n_samples:
                 f[S.maps_path(main)][self.n_samples - 1, -1, -1, :1, :1]
         except OSError:
             raise RecordingError(f"{p}: cannot be read: truncated or damaged data") from None
+
+    def _validate_qk(self, kind: str, g: h5py.Group, n: int, n_layers: int, n_heads: int, n_tokens: int) -> None:
+        """The optional query/key vectors of a stack: all three datasets or none, consistent shapes."""
+        present = [what for what in (S.QUERIES, S.KEYS, S.QK_POSITIONS) if what in g]
+        if not present:
+            return
+        p = self.path
+        if len(present) != 3:
+            missing = sorted({S.QUERIES, S.KEYS, S.QK_POSITIONS} - set(present))
+            raise RecordingError(f"{p}: /{S.G_ATTENTION}/{kind} stores query/key vectors but lacks {', '.join(missing)}")
+        qs, ks, ps = g[S.QUERIES].shape, g[S.KEYS].shape, g[S.QK_POSITIONS].shape
+        if len(qs) != 5 or qs[:3] != (n, n_layers, n_heads) or ks != qs or ps != (n, qs[3]):
+            raise RecordingError(f"{p}: /{S.G_ATTENTION}/{kind} query/key shapes {qs}, {ks}, positions {ps} do not "
+                                 f"fit ({n}, {n_layers}, {n_heads}, T, head_dim) and ({n}, T)")
+        pos = g[S.QK_POSITIONS][()]
+        if (pos < -1).any() or (pos >= n_tokens).any():
+            raise RecordingError(f"{p}: /{S.qk_path(kind, S.QK_POSITIONS)} holds positions outside -1..{n_tokens - 1}")
 
     # -- identity --------------------------------------------------------------------------
 
@@ -303,6 +321,67 @@ class Recording:
                 yield chunk, ds[int(chunk[0]) : int(chunk[-1]) + 1]
             else:
                 yield chunk, np.stack([ds[int(j)] for j in chunk]) if len(chunk) else ds[0:0]
+
+    # -- query and key vectors (optional: `attnviz extract --store-qk`) ----------------------
+
+    def has_qk(self, kind: str | None = None) -> bool:
+        """True when the stack stores per-head query and key vectors (``--store-qk``)."""
+        return S.QUERIES in self._group(kind)
+
+    def qk_fraction(self, kind: str | None = None) -> float:
+        """Fraction of each sample's token positions whose query/key vectors are stored (0: none)."""
+        g = self._group(kind)
+        return float(g.attrs.get(S.ATTR_QK_FRACTION, 0.0)) if S.QUERIES in g else 0.0
+
+    def qk_positions(self, sample: int, kind: str | None = None) -> np.ndarray:
+        """int ``[n]``: the token positions (in the maps' order) whose vectors are stored for ``sample``."""
+        self._check_sample(sample)
+        pos = self._qk_dataset(kind, S.QK_POSITIONS)[sample]
+        return pos[pos >= 0].astype(np.int64)
+
+    def queries_keys(self, sample: int, layer: int, head: int,
+                     kind: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One head's stored vectors of one sample.
+
+        Returns:
+            (positions int ``[n]``, queries float32 ``[n, head_dim]``, keys float32 ``[n, head_dim]``): the
+            outputs of the head's query and key projections (``q_h = W_Q,h x``, before the 1/sqrt(d) scale)
+            at those token positions, so that ``softmax(q . k / sqrt(d))`` over all keys is the stored map.
+        """
+        self._check(sample, layer, head, kind)
+        pos = self._qk_dataset(kind, S.QK_POSITIONS)[sample]
+        keep = pos >= 0
+        q = self._qk_dataset(kind, S.QUERIES)[sample, layer, head][keep].astype(np.float32)
+        k = self._qk_dataset(kind, S.KEYS)[sample, layer, head][keep].astype(np.float32)
+        return pos[keep].astype(np.int64), q, k
+
+    def iter_qk(self, kind: str | None = None, *, samples: Sequence[int] | None = None,
+                batch_size: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Stream the stored vectors in batches of samples.
+
+        Yields:
+            (indices ``[b]``, positions int ``[b, T]`` (-1 = none), queries and keys float16
+            ``[b, layer, head, T, head_dim]``).
+        """
+        qd, kd, pd = (self._qk_dataset(kind, w) for w in (S.QUERIES, S.KEYS, S.QK_POSITIONS))
+        idx = np.arange(self.n_samples) if samples is None else np.asarray(samples, dtype=np.int64).reshape(-1)
+        for j in idx:
+            self._check_sample(int(j))
+        for i in range(0, len(idx), max(1, batch_size)):
+            chunk = idx[i : i + batch_size]
+            if len(chunk) and np.all(np.diff(chunk) == 1):
+                sl = slice(int(chunk[0]), int(chunk[-1]) + 1)
+                yield chunk, pd[sl], qd[sl], kd[sl]
+            else:
+                yield (chunk, np.stack([pd[int(j)] for j in chunk]), np.stack([qd[int(j)] for j in chunk]),
+                       np.stack([kd[int(j)] for j in chunk]))
+
+    def _qk_dataset(self, kind: str | None, what: str) -> h5py.Dataset:
+        g = self._group(kind)
+        if what not in g:
+            raise KeyError(f"the {kind or self.main_kind!r} attention of {self.path.name} stores no query/key "
+                           "vectors; record with `attnviz extract --store-qk`")
+        return g[what]
 
     # -- per-sample data -----------------------------------------------------------------
 

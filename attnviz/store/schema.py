@@ -88,6 +88,10 @@ D_CLASS_NAMES = "model/class_names"
 G_ATTENTION = "attention"
 MAPS = "maps"
 LENGTHS = "lengths"
+# Optional per-head query and key vectors of a stack (`--store-qk`), for the joint query-key view.
+QUERIES = "queries"
+KEYS = "keys"
+QK_POSITIONS = "qk_positions"
 G_ATTRIBUTIONS = "attributions"
 G_HEAD_METRICS = "head_metrics"
 G_ANALYSES = "analyses"
@@ -97,6 +101,8 @@ D_SKIPPED = "inputs/skipped"
 ATTR_STACK_N_LAYERS = "n_layers"
 ATTR_STACK_N_HEADS = "n_heads"
 ATTR_LAYOUT = "layout"
+# Attribute of attention/<kind> groups that store query/key vectors: the fraction of token positions kept.
+ATTR_QK_FRACTION = "qk_fraction"
 # Attributes of attributions/<name>.
 ATTR_RESOLUTION = "resolution"
 ATTR_TARGET = "target"
@@ -137,6 +143,13 @@ def maps_path(kind: str) -> str:
 def lengths_path(kind: str) -> str:
     """Path of the per-sample valid (query_len, key_len) of one kind."""
     return f"{G_ATTENTION}/{kind}/{LENGTHS}"
+
+
+def qk_path(kind: str, what: str) -> str:
+    """Path of a stack's stored query/key data: ``attention/<kind>/{queries,keys,qk_positions}``."""
+    if what not in (QUERIES, KEYS, QK_POSITIONS):
+        raise ValueError(f"what must be {QUERIES}, {KEYS} or {QK_POSITIONS}, got {what!r}")
+    return f"{G_ATTENTION}/{kind}/{what}"
 
 
 def timestamp() -> str:
@@ -221,7 +234,11 @@ class TokenLayout:
 @dataclass(frozen=True)
 class StackSpec:
     """One attention stack in a recording: ``maps`` has shape
-    ``(n_samples, n_layers, n_heads, max_query, max_key)``."""
+    ``(n_samples, n_layers, n_heads, max_query, max_key)``.
+
+    ``qk_tokens`` > 0 also stores that many positions' query and key vectors of every head
+    (``head_dim`` wide; ``qk_fraction`` of the positions were chosen), see ``docs/file-format.md``.
+    """
 
     kind: str
     n_layers: int
@@ -229,6 +246,9 @@ class StackSpec:
     max_query: int
     max_key: int
     layout: TokenLayout = field(default_factory=TokenLayout)
+    qk_tokens: int = 0
+    head_dim: int = 0
+    qk_fraction: float = 0.0
 
 
 @dataclass(frozen=True)

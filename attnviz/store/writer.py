@@ -91,6 +91,8 @@ class SampleBatch:
         thumbnails: uint8 ``[batch, h, w, 3]`` or None; masks: uint8 ``[batch, h, w]`` or None.
         attributions: name -> float ``[batch, *shape]``.
         meta: per-sample JSON-able dicts, or None.
+        qk: kind -> (positions int ``[batch, qk_token]`` (-1 = none), queries and keys float
+            ``[batch, layer, head, qk_token, head_dim]``) for stacks created with ``qk_tokens``.
     """
 
     start: int
@@ -103,6 +105,7 @@ class SampleBatch:
     masks: np.ndarray | None = None
     attributions: dict[str, np.ndarray] = field(default_factory=dict)
     meta: list[dict[str, Any]] | None = None
+    qk: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -123,6 +126,8 @@ class RecordingWriter:
         self.n_samples = int(h5.attrs[S.ATTR_N_SAMPLES])
         # per-sample shapes, read once so that write() checks a batch in the caller's thread
         self._maps_shape = {kind: tuple(h5[S.maps_path(kind)].shape[1:]) for kind in h5[S.G_ATTENTION]}
+        self._qk_shape = {kind: tuple(h5[S.qk_path(kind, S.QUERIES)].shape[1:]) for kind in h5[S.G_ATTENTION]
+                          if S.qk_path(kind, S.QUERIES) in h5}
         self._attr_shape = {name: tuple(ds.shape[1:]) for name, ds in h5[S.G_ATTRIBUTIONS].items()} \
             if S.G_ATTRIBUTIONS in h5 else {}
         self._n_classes = int(h5[S.D_LOGITS].shape[1])
@@ -196,6 +201,10 @@ class RecordingWriter:
         for st in stacks:
             if min(st.n_layers, st.n_heads, st.max_query, st.max_key) < 1:
                 raise InputError(f"attention stack {st.kind!r} has an empty dimension: {st}")
+            if st.qk_tokens and (st.head_dim < 1 or st.qk_tokens > max(st.max_query, st.max_key)
+                                 or not 0 < st.qk_fraction <= 1):
+                raise InputError(f"attention stack {st.kind!r}: query/key storage needs head_dim >= 1, "
+                                 f"qk_tokens <= the sequence length and 0 < qk_fraction <= 1: {st}")
         if target_source not in S.TARGET_SOURCES:
             raise InputError(f"target_source must be one of {', '.join(S.TARGET_SOURCES)}, got {target_source!r}")
         for spec in attributions:
@@ -286,6 +295,13 @@ class RecordingWriter:
             g.create_dataset(S.MAPS, shape=(n, st.n_layers, st.n_heads, st.max_query, st.max_key),
                              dtype=np.float16, chunks=(1, 1, 1, st.max_query, st.max_key), **comp)
             g.create_dataset(S.LENGTHS, data=np.tile(np.array([[st.max_query, st.max_key]], np.int32), (n, 1)))
+            if st.qk_tokens:
+                t, d = int(st.qk_tokens), int(st.head_dim)
+                g.attrs[S.ATTR_QK_FRACTION] = float(st.qk_fraction)
+                for what in (S.QUERIES, S.KEYS):  # one (sample, layer, head) per chunk, like the maps
+                    g.create_dataset(what, shape=(n, st.n_layers, st.n_heads, t, d), dtype=np.float16,
+                                     chunks=(1, 1, 1, t, d), **comp)
+                g.create_dataset(S.QK_POSITIONS, shape=(n, t), dtype=np.int32, fillvalue=-1)
         for spec in attributions:
             d = f.create_dataset(f"{S.G_ATTRIBUTIONS}/{spec.name}", shape=(n, *spec.shape), dtype=np.float32,
                                  chunks=(1, *spec.shape), **comp)
@@ -339,6 +355,10 @@ class RecordingWriter:
             if not done[start:stop].all():
                 out.append((start, stop))
         return out
+
+    def qk_tokens(self, kind: str) -> int:
+        """Token positions per sample whose query/key vectors the file stores for ``kind`` (0: none)."""
+        return int(self._qk_shape[kind][2]) if kind in self._qk_shape else 0
 
     @property
     def n_logit_columns(self) -> int:
@@ -426,6 +446,12 @@ class RecordingWriter:
         for kind in b.lengths:
             if kind not in b.attention:
                 raise ValueError(f"lengths for {kind!r} without its attention maps")
+        for kind, (pos, q, k) in b.qk.items():
+            if kind not in self._qk_shape:
+                raise ValueError(f"query/key vectors for {kind!r}, which was created without them")
+            rows(f"queries {kind!r}", q, self._qk_shape[kind])
+            rows(f"keys {kind!r}", k, self._qk_shape[kind])
+            rows(f"qk positions {kind!r}", pos, (self._qk_shape[kind][2],))
         if b.thumbnails is not None and self._thumb_shape is not None:
             rows("thumbnails", b.thumbnails, self._thumb_shape)
         if b.masks is not None and self._mask_shape is not None:
@@ -468,6 +494,10 @@ class RecordingWriter:
             f[S.D_META][sl] = np.array([S.dumps(m) for m in b.meta], dtype=object)
         for name, values in b.attributions.items():
             f[f"{S.G_ATTRIBUTIONS}/{name}"][sl] = np.asarray(values, np.float32)
+        for kind, (pos, q, k) in b.qk.items():
+            f[S.qk_path(kind, S.QK_POSITIONS)][sl] = np.asarray(pos, np.int32)
+            f[S.qk_path(kind, S.QUERIES)][sl] = np.asarray(q).astype(np.float16, copy=False)
+            f[S.qk_path(kind, S.KEYS)][sl] = np.asarray(k).astype(np.float16, copy=False)
         f.flush()
         # done only after the data is on disk: a crash before this line leaves the batch pending
         f[S.D_DONE][sl] = True

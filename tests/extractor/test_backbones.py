@@ -217,3 +217,36 @@ def test_backbone_head_importance_is_retrieval_of_each_inputs_own_embedding(root
     assert res.metrics["loss_increase"][layer, head] == pytest.approx(loss, rel=1e-4, abs=1e-7)
     with attnviz.open(out) as rec:
         assert rec.head_metric_info("kl_divergence").params["target_source"] == "embedding"
+
+
+@pytest.mark.parametrize("arch", ["vit", "clip_vision", "siglip_vision"])
+def test_stored_queries_and_keys_give_back_the_recorded_maps(arch, root, tmp_path):
+    out = _run(root, arch, tmp_path / "r.h5", store_qk=1.0, limit=2)
+    with attnviz.open(out) as rec:
+        assert rec.has_qk() and rec.qk_fraction() == 1.0
+        for s in range(2):
+            for layer in range(2):
+                for head in range(4):
+                    pos, q, k = rec.queries_keys(s, layer, head)
+                    assert pos.tolist() == list(range(rec.lengths(s)[0]))
+                    logits = q.astype(np.float64) @ k.T.astype(np.float64) / np.sqrt(q.shape[1])
+                    soft = np.exp(logits - logits.max(1, keepdims=True))
+                    soft /= soft.sum(1, keepdims=True)
+                    assert np.abs(soft - rec.attention(s, layer, head)).max() < 2e-2  # float16 q, k at scale 0.2
+
+
+def test_a_fraction_of_the_tokens_keeps_cls_and_the_same_draw_on_every_run(root, tmp_path):
+    from extractor.pipeline import qk_positions, qk_token_count
+
+    a = _run(root, "vit", tmp_path / "a.h5", store_qk=0.25, batch_size=1)
+    b = _run(root, "vit", tmp_path / "b.h5", store_qk=0.25, batch_size=3)
+    n_keep = qk_token_count(17, 1, 0.25)
+    assert n_keep == 1 + 4
+    with attnviz.open(a) as ra, attnviz.open(b) as rb:
+        for s in range(4):
+            pos = ra.qk_positions(s)
+            assert len(pos) == n_keep and pos[0] == 0 and (np.diff(pos) > 0).all()
+            assert pos.tolist() == rb.qk_positions(s).tolist() == qk_positions(s, 17, 1, n_keep).tolist()
+            assert np.array_equal(ra.queries_keys(s, 1, 2)[1], rb.queries_keys(s, 1, 2)[1])
+    with pytest.raises(InputError, match="--store-qk"):
+        _run(root, "vit", tmp_path / "c.h5", store_qk=1.5)
