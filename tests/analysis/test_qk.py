@@ -3,7 +3,6 @@ and the stored vectors against the recorded maps."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
