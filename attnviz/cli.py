@@ -177,7 +177,8 @@ def analyze(
 ) -> None:
     """Compute derived per-head results and store them in the recording.
 
-    Always: head statistics (entropy, confidence, CLS attention). Further analyses are options.
+    Always: head statistics (entropy, confidence, CLS attention) and, with object masks, localization scores
+    (mask energy, pointing game). Further analyses are options.
     """
     # Extending: add an option above (e.g. `--spatial`) and one step below; import lazily.
     from attnviz.analysis.head_stats import compute_and_store
@@ -189,6 +190,10 @@ def analyze(
 
         for line in analyze_step(file):
             typer.echo(f"{file}: {line}")
+    from attnviz.analysis.localization import analyze_step as localization_step
+
+    for line in localization_step(file):
+        typer.echo(f"{file}: {line}")
     if patterns:
         from attnviz.analysis.patterns import analyze_step as patterns_step
 

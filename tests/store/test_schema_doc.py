@@ -13,7 +13,8 @@ from attnviz.store import schema as S
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "file-format.md").read_text()
 
 NAMES = {k: v for k, v in vars(S).items()
-         if isinstance(v, str) and k.split("_")[0] in ("ATTR", "D", "G") or k in ("MAPS", "LENGTHS")}
+         if isinstance(v, str) and k.split("_")[0] in ("ATTR", "D", "G")
+         or k in ("MAPS", "LENGTHS", "QUERIES", "KEYS", "QK_POSITIONS")}
 
 
 def _in_code(value: str) -> bool:

@@ -66,3 +66,22 @@ def _image(rec, sample):  # noqa: ANN001, ANN202
     return fig_image_vs_mean(prof.image_mean_distance[rows[0]], prof.mean_distance,
                              metric="mean attention distance", units="px", image_label=label,
                              title=f"Mean attention distance: {label} vs mean over images")
+
+
+@register_view("localization", "Localization: energy inside the object mask and the pointing game", order=43)
+def _localization(rec, sample):  # noqa: ANN001, ANN202
+    from attnviz.analysis.localization import load_localization
+    from attnviz.figures.heads import fig_head_grid
+    from attnviz.figures.localization import fig_localization, fig_localization_by_layer
+
+    loc = load_localization(rec)
+    if loc is None:
+        return None
+    return [("scores", fig_localization(loc.energy, loc.hit, method_energy=loc.method_energy, method_hit=loc.method_hit,
+                                        baseline_energy=loc.baseline_energy, baseline_pointing=loc.baseline_pointing,
+                                        n_images=loc.n_images)),
+            ("by_layer", fig_localization_by_layer(loc.energy, baseline_energy=loc.baseline_energy)),
+            ("energy_grid", fig_head_grid(loc.energy, metric="mask_energy",
+                                          title=f"All heads: mask energy (uniform {loc.baseline_energy:.2f})")),
+            ("pointing_grid", fig_head_grid(loc.hit, metric="pointing_hit",
+                                            title=f"All heads: pointing hit rate (random {loc.baseline_pointing:.2f})"))]

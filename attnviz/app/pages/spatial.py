@@ -24,11 +24,13 @@ from attnviz.analysis.spatial import (
     load_spatial,
     spatial_for_sample,
 )
+from attnviz.analysis.localization import load_localization
 from attnviz.app import ids
 from attnviz.app.components import HeadGrid, graph, message
 from attnviz.app.data import memo
 from attnviz.app.selection import Selection, patch, resolve
 from attnviz.figures import fig_message
+from attnviz.figures.localization import fig_localization, fig_localization_by_layer
 from attnviz.figures.spatial import (
     clicked_head,
     fig_distance_trend,
@@ -60,11 +62,13 @@ QUERY_MAP = ids.page_id(P, "query-map")
 RADIAL = ids.page_id(P, "radial")
 SHARES = ids.page_id(P, "shares")
 IMAGE_VS_MEAN = ids.page_id(P, "image-vs-mean")
+LOCALIZATION = ids.page_id(P, "localization")
+LOCALIZATION_LAYERS = ids.page_id(P, "localization-layers")
 GRID_MAIN = ids.page_id(P, "grid-main")
 GRID_VISION = ids.page_id(P, "grid-vision")
 
 #: graphs whose points carry customdata [layer, head]: a click selects that head everywhere
-CLICKABLE = (TREND, TREND_LOCAL, RADIAL, SHARES, IMAGE_VS_MEAN)
+CLICKABLE = (TREND, TREND_LOCAL, RADIAL, SHARES, IMAGE_VS_MEAN, LOCALIZATION_LAYERS)
 #: per-image profiles kept in memory per recording (computed on demand, small)
 IMAGE_CACHE_SIZE = 8
 
@@ -131,6 +135,12 @@ def layout(**_kwargs: Any) -> html.Div:
         html.Div([
             html.Div([html.H3("Selected image against the mean over images"),
                       graph(IMAGE_VS_MEAN, filename="spatial-image-vs-mean")], className="av-card av-col"),
+        ], className="av-cols"),
+        html.Div([
+            html.Div([html.H3("Localization: how much falls on the object (images with masks)"),
+                      graph(LOCALIZATION, filename="spatial-localization")], className="av-card av-col"),
+            html.Div([html.H3("Localization per head (click selects it)"),
+                      graph(LOCALIZATION_LAYERS, filename="spatial-localization-heads")], className="av-card av-col"),
         ], className="av-cols"),
         html.Div(_DEFINITIONS, className="av-note"),
     ], className="av-page")
@@ -300,6 +310,29 @@ def image_vs_mean(data: Any, distance: str | None):
                              image_label=f"image {sel.sample}", selected=(sel.layer, sel.head),
                              title=f"Image {sel.sample} ({rec.sample_ids()[sel.sample]}) vs the mean over "
                                    f"{prof.n_samples} images")
+
+
+def _localization_missing(rec: Recording, sel: Selection) -> str:
+    if not rec.has_masks:
+        return ("This recording has no object masks, so there is no object to score attention against. Inputs "
+                "with masks (a manifest column 'mask') give energy-inside-the-mask and pointing-game scores.")
+    return f"Localization scores are not stored yet: run `attnviz analyze {sel.file}`."
+
+
+@callback(Output(LOCALIZATION, "figure"), Output(LOCALIZATION_LAYERS, "figure"), Input(ids.SELECTION, "data"))
+def localization(data: Any):
+    """Selection -> energy inside the mask and pointing game: attributions, best/median/selected head, baselines."""
+    sel, rec, kind, problem = _resolve(data)
+    if problem:
+        return fig_message(problem), fig_message(problem)
+    loc = memo(rec, ("localization",), lambda: load_localization(rec))
+    if loc is None or loc.kind != kind:
+        msg = _localization_missing(rec, sel)
+        return fig_message(msg), fig_message(msg)
+    return (fig_localization(loc.energy, loc.hit, method_energy=loc.method_energy, method_hit=loc.method_hit,
+                             baseline_energy=loc.baseline_energy, baseline_pointing=loc.baseline_pointing,
+                             n_images=loc.n_images, selected=(sel.layer, sel.head)),
+            fig_localization_by_layer(loc.energy, baseline_energy=loc.baseline_energy, selected=(sel.layer, sel.head)))
 
 
 def select_head(click: Any):
