@@ -34,7 +34,7 @@ from extractor.adapters import Adapter, detect, get_adapter, load_config, resolv
 from extractor.adapters.base import class_names_of
 from extractor.device import resolve_device, resolve_dtype
 from extractor.inputs import InputSet, collect_images
-from extractor.targets import TARGET_NAMES, Target, check_methods, resolve_target, target_forward
+from extractor.targets import TARGET_NAMES, Target
 
 # adapter.input_kind -> function enumerating and checking the inputs of that kind
 INPUT_COLLECTORS = {"image": collect_images}
@@ -44,10 +44,12 @@ __all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "
 
 COMPRESSIONS = ("auto", "lzf", "gzip", "none")
 TARGETS = TARGET_NAMES
-#: what ``--attributions`` records when not given: the cheap methods (rollout costs nothing but matrix
-#: products of the recorded maps, saliency one backward pass); integrated gradients and occlusion cost
-#: tens to hundreds of forward passes per image (``docs/attributions.md``)
+#: what ``--attributions`` records for an image model when not given (``Adapter.default_attributions``):
+#: the cheap methods (rollout costs nothing but matrix products of the recorded maps, saliency one backward
+#: pass); integrated gradients and occlusion cost tens to hundreds of forward passes per image
 DEFAULT_ATTRIBUTIONS = ("rollout", "saliency")
+#: ``--attributions all``: every method of the model's input kind
+ALL_ATTRIBUTIONS = "all"
 # parameters that change what is recorded: a resumed run must use the same ones
 _RESUME_KEYS = ("model_class", "attributions", "target", "dtype", "image_size", "store_qk")
 #: seeds the per-sample choice of token positions whose query/key vectors are stored
@@ -66,7 +68,8 @@ class ExtractOptions:
         device: "auto" | "cpu" | "cuda".  dtype: "float32" | "float16" | "bfloat16" (GPU).
         batch_size: images per forward (and per resumable unit).
         limit: record at most this many images.
-        attributions: method names; None = :data:`DEFAULT_ATTRIBUTIONS` (rollout, saliency); () = attention only.
+        attributions: method names; None = the family's defaults (images: rollout, saliency); "all" = every
+            method of the family's input kind; () = attention only.
         target: what attributions explain (:mod:`extractor.targets`): "auto" (the predicted class of a
             classifier, the embedding norm of a backbone), "predicted", "label", "embedding_norm",
             "embedding_similarity".
@@ -89,7 +92,7 @@ class ExtractOptions:
     dtype: str = "float32"
     batch_size: int = 8
     limit: int | None = None
-    attributions: tuple[str, ...] | None = None
+    attributions: tuple[str, ...] | str | None = None
     target: str = "auto"
     image_size: tuple[int, int] | None = None
     store_qk: float = 0.0
@@ -146,10 +149,10 @@ def format_rate(n: int, seconds: float, unit: str = "img") -> str:
     return f"{per_item:.1f} s/{unit}" if per_item < 600 else f"{per_item / 60:.1f} min/{unit}"
 
 
-def parse_attributions(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    """``--attributions`` -> method names: None/"default" = None (:data:`DEFAULT_ATTRIBUTIONS`), "all" = every
-    registered method, "none" = (), else a comma list checked against the registry (unknown name ->
-    InputError listing the available ones)."""
+def parse_attributions(text: str | Sequence[str] | None) -> tuple[str, ...] | str | None:
+    """``--attributions`` -> method names: None/"default" = None (the family's defaults), "all" =
+    :data:`ALL_ATTRIBUTIONS` (every method of the model's input kind), "none" = (), else a comma list checked
+    against the registry (unknown name -> InputError listing the available ones)."""
     from extractor import attributions as A
 
     if text is None:
@@ -158,7 +161,7 @@ def parse_attributions(text: str | Sequence[str] | None) -> tuple[str, ...] | No
     if not parts or parts == ["default"]:
         return None
     if parts == ["all"]:
-        return tuple(A.available())
+        return ALL_ATTRIBUTIONS
     if parts == ["none"]:
         return ()
     if {"none", "all", "default"} & set(parts):
@@ -211,8 +214,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.compression not in COMPRESSIONS:
         raise InputError(f"unknown compression {opts.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
-    if opts.target not in TARGETS:
-        raise InputError(f"unknown --target {opts.target!r}; choose one of {', '.join(TARGETS)}")
+    if not isinstance(opts.target, str) or not opts.target:
+        raise InputError(f"--target must name a target, got {opts.target!r}")
     if not 0.0 <= float(opts.store_qk) <= 1.0:
         raise InputError(f"--store-qk must be a fraction of the tokens in (0, 1] (or 0 for none), got {opts.store_qk}")
     if opts.image_size is not None and (len(opts.image_size) != 2 or min(opts.image_size) < 1):
@@ -224,8 +227,9 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     device = resolve_device(opts.device)
     autocast_dtype = resolve_dtype(opts.dtype, device)
     compression = resolve_compression(opts.compression, device)
-    methods = list(DEFAULT_ATTRIBUTIONS if opts.attributions is None else opts.attributions)
-    for m in methods:
+    if isinstance(opts.attributions, str) and opts.attributions != ALL_ATTRIBUTIONS:
+        raise InputError(f"attributions must be method names, None or {ALL_ATTRIBUTIONS!r}, got {opts.attributions!r}")
+    for m in (opts.attributions if isinstance(opts.attributions, tuple) else ()):
         A.get(m)
 
     # 2. model (config only) and inputs
@@ -235,9 +239,17 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     if opts.family is not None and arch.family != opts.family:
         raise ModelError(f"{source.ref} is a {arch.model_class} ({arch.family} family), not a {opts.family} model")
     adapter_cls = get_adapter(arch.family)
-    target = resolve_target(opts.target, has_classifier=arch.has_classifier)
+    if opts.attributions is None:
+        methods = list(adapter_cls.default_attributions)
+    elif opts.attributions == ALL_ATTRIBUTIONS:
+        methods = A.available(adapter_cls.input_kind)
+    else:
+        methods = list(opts.attributions)
+    target = adapter_cls.resolve_target(opts.target, arch)
     if methods:
-        check_methods(target, methods)
+        adapter_cls.check_attributions(methods, target)
+        if opts.attributions == ALL_ATTRIBUTIONS and target.zero_gradient and "saliency" in methods:
+            methods.remove("saliency")  # undefined for this target (check_methods says why); "all" means the rest
     # a backbone without a classification head has no classes: the inputs' own labels name them
     model_classes = class_names_of(config) if arch.has_classifier else None
     inputs = INPUT_COLLECTORS[adapter_cls.input_kind](opts.input, class_names=model_classes, limit=opts.limit)
@@ -251,7 +263,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     load_options = {"image_size": tuple(opts.image_size)} if opts.image_size is not None else {}
     adapter = adapter_cls.load(source, config, arch, device=device, autocast_dtype=autocast_dtype, **load_options)
     layout = adapter.main_layout
-    specs = [A.spec(m, layout=layout, target=target.name) for m in methods]
+    specs = adapter.attribution_specs(methods, target)
     params = {
         "model": source.ref, "model_snapshot": str(source.path) if source.from_cache else None,
         "model_class": adapter.model_class, "output": "logits" if adapter.has_classifier else arch.output,
@@ -281,7 +293,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
             attributions=specs, batch_size=opts.batch_size, compression=compression,
             model_config=adapter.config_dict(), extraction_params=params,
             target_source="label" if inputs.has_labels else "prediction",
-            skipped=inputs.skipped, overwrite=opts.overwrite,
+            skipped=inputs.skipped, with_meta=adapter.writes_meta, per_sample=adapter.per_sample_specs(),
+            overwrite=opts.overwrite,
         )
 
     # 4. the loop
@@ -399,8 +412,6 @@ def _select_qk(captured: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]
 
 def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, todo: list[tuple[int, int]],
                  methods: list[str], target: Target, opts: ExtractOptions) -> None:
-    from extractor import attributions as A
-
     items = inputs.items
     n_todo = sum(stop - start for start, stop in todo)
     bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress)
@@ -428,21 +439,16 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
             if out.logits is not None:
                 logits = out.logits.detach().cpu().numpy().astype(np.float32, copy=False)
                 predictions = logits.argmax(axis=1).astype(np.int32)
-            else:  # a backbone: no classes to score, no prediction (the file format's -1 and NaN)
+            else:  # no classes to score (a backbone, a generative model): the file format's NaN
                 logits = np.full((b, n_columns), np.nan, np.float32)
                 predictions = np.full(b, -1, np.int32)
-            attributions: dict[str, np.ndarray] = {}
-            if methods:
-                px = batch.inputs["pixel_values"].to(adapter.device)
-                forward, targets = target_forward(adapter, target, px, labels=batch.labels, predictions=predictions)
-                # rollout and friends read the maps as recorded (float16 -> float32 on the host)
-                attn32 = torch.from_numpy(maps[main_kind]).float().numpy()
-                for m in methods:
-                    attributions[m] = A.compute(m, forward=forward, pixel_values=px, targets=targets,
-                                                attentions=attn32, layout=layout)
+            if out.predictions is not None:  # the family defines its own (generative models)
+                predictions = np.asarray(out.predictions, np.int32)
+            attributions = adapter.attribute(methods, batch, out, target, predictions)
             writer.write(SampleBatch(start=start, attention=maps, predictions=predictions, logits=logits,
                                      lengths=out.lengths, labels=batch.labels, thumbnails=batch.thumbnails,
-                                     masks=batch.masks, attributions=attributions, qk=qk))
+                                     masks=batch.masks, attributions=attributions, qk=qk, meta=out.meta,
+                                     per_sample=out.per_sample))
             bar.update(stop - start)
 
 

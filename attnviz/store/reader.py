@@ -123,6 +123,8 @@ class Recording:
         per_sample = [S.D_ID, S.D_DONE, S.D_LABEL, S.D_PREDICTION, S.D_LOGITS, S.D_THUMBNAIL, S.D_MASK, S.D_META]
         if S.G_ATTRIBUTIONS in f:
             per_sample += [f"{S.G_ATTRIBUTIONS}/{name}" for name in f[S.G_ATTRIBUTIONS]]
+        if S.G_PER_SAMPLE in f:
+            per_sample += [f"{S.G_PER_SAMPLE}/{name}" for name in f[S.G_PER_SAMPLE]]
         for name in per_sample:
             if name in f and (not f[name].shape or f[name].shape[0] != n):
                 raise RecordingError(f"{p}: /{name} has {f[name].shape[0] if f[name].shape else 0} rows, expected {n}")
@@ -483,6 +485,24 @@ class Recording:
                                  resolution=_str(ds.attrs.get(S.ATTR_RESOLUTION, "pixel")),
                                  target=_str(ds.attrs.get(S.ATTR_TARGET, "predicted")),
                                  description=_str(ds.attrs.get(S.ATTR_DESCRIPTION, "")))
+
+    # -- per-sample arrays (family-specific: input features, per-token statistics) ----------
+
+    def per_sample_arrays(self) -> list[str]:
+        """Names of the per-sample arrays stored at ``per_sample/<name>``."""
+        return sorted(self._f[S.G_PER_SAMPLE].keys()) if S.G_PER_SAMPLE in self._f else []
+
+    def per_sample(self, name: str, sample: int) -> np.ndarray:
+        """One sample's row of ``per_sample/<name>`` (its declared per-sample shape, zero-padded)."""
+        ds = self._dataset(f"{S.G_PER_SAMPLE}/{name}", "per-sample array", self.per_sample_arrays())
+        self._check_sample(sample)
+        return ds[sample]
+
+    def per_sample_info(self, name: str) -> S.PerSampleSpec:
+        ds = self._dataset(f"{S.G_PER_SAMPLE}/{name}", "per-sample array", self.per_sample_arrays())
+        axes = S.loads(ds.attrs.get(S.ATTR_AXES, "[]")) or []
+        return S.PerSampleSpec(name=name, shape=tuple(ds.shape[1:]), dtype=str(ds.dtype), axes=tuple(axes),
+                               description=_str(ds.attrs.get(S.ATTR_DESCRIPTION, "")))
 
     # -- head metrics --------------------------------------------------------------------
 

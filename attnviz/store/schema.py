@@ -23,6 +23,7 @@ __all__ = [
     "TokenLayout",
     "StackSpec",
     "AttributionSpec",
+    "PerSampleSpec",
     "HeadMetricInfo",
     "dumps",
     "loads",
@@ -94,6 +95,10 @@ KEYS = "keys"
 QK_POSITIONS = "qk_positions"
 G_ATTRIBUTIONS = "attributions"
 G_HEAD_METRICS = "head_metrics"
+# Per-sample arrays a family records besides the maps (input features, per-token statistics), each
+# [sample, ...]; attributes description and axes (JSON list of axis names).
+G_PER_SAMPLE = "per_sample"
+ATTR_AXES = "axes"
 G_ANALYSES = "analyses"
 D_SKIPPED = "inputs/skipped"
 
@@ -267,6 +272,25 @@ class AttributionSpec:
     shape: tuple[int, ...]
     resolution: str
     target: str = "predicted"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PerSampleSpec:
+    """One per-sample array ``per_sample/<name>`` of shape (n_samples, *shape).
+
+    Attributes:
+        name: dataset name (lowercase, ``[a-z0-9_]``).
+        shape: per-sample shape (the largest one for variable sizes: smaller rows are zero-padded).
+        dtype: numpy dtype name, e.g. "float16", "float32", "int32".
+        axes: a name per per-sample axis, e.g. ("mel", "frame").
+        description: one line: what it holds and its units.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    axes: tuple[str, ...] = ()
     description: str = ""
 
 

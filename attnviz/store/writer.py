@@ -93,6 +93,8 @@ class SampleBatch:
         meta: per-sample JSON-able dicts, or None.
         qk: kind -> (positions int ``[batch, qk_token]`` (-1 = none), queries and keys float
             ``[batch, layer, head, qk_token, head_dim]``) for stacks created with ``qk_tokens``.
+        per_sample: name -> array ``[batch, *shape]`` of the per-sample arrays declared at creation
+            (trailing axes may be shorter: zero-padded).
     """
 
     start: int
@@ -106,6 +108,7 @@ class SampleBatch:
     attributions: dict[str, np.ndarray] = field(default_factory=dict)
     meta: list[dict[str, Any]] | None = None
     qk: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    per_sample: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -126,6 +129,8 @@ class RecordingWriter:
         self.n_samples = int(h5.attrs[S.ATTR_N_SAMPLES])
         # per-sample shapes, read once so that write() checks a batch in the caller's thread
         self._maps_shape = {kind: tuple(h5[S.maps_path(kind)].shape[1:]) for kind in h5[S.G_ATTENTION]}
+        self._per_sample_shape = {name: tuple(ds.shape[1:]) for name, ds in h5[S.G_PER_SAMPLE].items()} \
+            if S.G_PER_SAMPLE in h5 else {}
         self._qk_shape = {kind: tuple(h5[S.qk_path(kind, S.QUERIES)].shape[1:]) for kind in h5[S.G_ATTENTION]
                           if S.qk_path(kind, S.QUERIES) in h5}
         self._attr_shape = {name: tuple(ds.shape[1:]) for name, ds in h5[S.G_ATTRIBUTIONS].items()} \
@@ -165,6 +170,7 @@ class RecordingWriter:
         target_source: str = "label",
         skipped: Sequence[tuple[str, str]] = (),
         with_meta: bool = False,
+        per_sample: Sequence[S.PerSampleSpec] = (),
         overwrite: bool = False,
         background: bool = True,
     ) -> RecordingWriter:
@@ -177,6 +183,8 @@ class RecordingWriter:
             labels: int ``[n_samples]``, -1 where unknown; None = no labels.
             compression: "lzf" (default, fast), "gzip" or "none".
             target_source: "label" or "prediction": what accuracy-type metrics treat as the truth.
+            with_meta: allocate ``samples/meta`` (one JSON object per sample).
+            per_sample: further per-sample arrays (``per_sample/<name>``).
         """
         # everything is checked before the file exists: a refused call leaves nothing behind
         if family not in S.FAMILIES:
@@ -207,6 +215,13 @@ class RecordingWriter:
                                  f"qk_tokens <= the sequence length and 0 < qk_fraction <= 1: {st}")
         if target_source not in S.TARGET_SOURCES:
             raise InputError(f"target_source must be one of {', '.join(S.TARGET_SOURCES)}, got {target_source!r}")
+        import re
+
+        for ps in per_sample:
+            if not re.fullmatch(r"[a-z0-9_]+", ps.name) or not ps.shape or min(ps.shape) < 1:
+                raise InputError(f"per-sample array {ps.name!r}: a lowercase name and a non-empty shape, got {ps}")
+            if ps.axes and len(ps.axes) != len(ps.shape):
+                raise InputError(f"per-sample array {ps.name!r}: {len(ps.axes)} axis names for {len(ps.shape)} axes")
         for spec in attributions:
             if spec.resolution not in S.RESOLUTIONS:
                 raise InputError(f"attribution {spec.name!r}: resolution must be one of {', '.join(S.RESOLUTIONS)}")
@@ -232,7 +247,7 @@ class RecordingWriter:
                           thumbnail_shape=thumbnail_shape, mask_shape=mask_shape, attributions=attributions,
                           batch_size=batch_size, comp=comp, model_config=model_config,
                           extraction_params=extraction_params, target_source=target_source, skipped=skipped,
-                          with_meta=with_meta)
+                          with_meta=with_meta, per_sample=per_sample)
         except BaseException:
             f.close()
             part.unlink(missing_ok=True)
@@ -245,7 +260,8 @@ class RecordingWriter:
                   labels: np.ndarray, thumbnail_shape: tuple[int, int] | None, mask_shape: tuple[int, int] | None,
                   attributions: Sequence[S.AttributionSpec], batch_size: int, comp: dict[str, Any],
                   model_config: dict[str, Any] | None, extraction_params: dict[str, Any] | None,
-                  target_source: str, skipped: Sequence[tuple[str, str]], with_meta: bool) -> None:
+                  target_source: str, skipped: Sequence[tuple[str, str]], with_meta: bool,
+                  per_sample: Sequence[S.PerSampleSpec] = ()) -> None:
         n = len(sample_ids)
         main = main_stack.kind
         a = f.attrs
@@ -286,6 +302,11 @@ class RecordingWriter:
             f.create_dataset(S.D_MASK, shape=(n, mh, mw), dtype=np.uint8, chunks=(1, mh, mw), **comp)
         if with_meta:
             f.create_dataset(S.D_META, shape=(n,), dtype=_STR)
+        for ps in per_sample:
+            d = f.create_dataset(f"{S.G_PER_SAMPLE}/{ps.name}", shape=(n, *ps.shape), dtype=np.dtype(ps.dtype),
+                                 chunks=(1, *ps.shape), **comp)
+            d.attrs[S.ATTR_DESCRIPTION] = ps.description
+            d.attrs[S.ATTR_AXES] = S.dumps(list(ps.axes))
         for st in stacks:
             g = f.create_group(f"{S.G_ATTENTION}/{st.kind}")
             g.attrs[S.ATTR_STACK_N_LAYERS] = st.n_layers
@@ -446,6 +467,14 @@ class RecordingWriter:
         for kind in b.lengths:
             if kind not in b.attention:
                 raise ValueError(f"lengths for {kind!r} without its attention maps")
+        for name, values in b.per_sample.items():
+            if name not in self._per_sample_shape:
+                raise ValueError(f"per-sample array {name!r} was not declared when the file was created")
+            shape = np.shape(values)
+            rows(f"per-sample {name!r}", values)
+            full = self._per_sample_shape[name]
+            if len(shape) != 1 + len(full) or any(a > b for a, b in zip(shape[1:], full)):
+                raise ValueError(f"per-sample {name!r}: shape {shape}, the file holds at most ({n}, *{full})")
         for kind, (pos, q, k) in b.qk.items():
             if kind not in self._qk_shape:
                 raise ValueError(f"query/key vectors for {kind!r}, which was created without them")
@@ -494,6 +523,14 @@ class RecordingWriter:
             f[S.D_META][sl] = np.array([S.dumps(m) for m in b.meta], dtype=object)
         for name, values in b.attributions.items():
             f[f"{S.G_ATTRIBUTIONS}/{name}"][sl] = np.asarray(values, np.float32)
+        for name, values in b.per_sample.items():
+            ds = f[f"{S.G_PER_SAMPLE}/{name}"]
+            values = np.asarray(values)
+            if values.shape[1:] != ds.shape[1:]:  # zero-padded to the declared size: whole chunks
+                padded = np.zeros((b.size, *ds.shape[1:]), ds.dtype)
+                padded[(slice(None), *(slice(0, m) for m in values.shape[1:]))] = values
+                values = padded
+            ds[sl] = values.astype(ds.dtype, copy=False)
         for kind, (pos, q, k) in b.qk.items():
             f[S.qk_path(kind, S.QK_POSITIONS)][sl] = np.asarray(pos, np.int32)
             f[S.qk_path(kind, S.QUERIES)][sl] = np.asarray(q).astype(np.float16, copy=False)

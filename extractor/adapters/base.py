@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import numpy as np
 
 from attnviz.errors import InputError, ModelError
-from attnviz.store.schema import StackSpec, TokenLayout
+from attnviz.store.schema import AttributionSpec, PerSampleSpec, StackSpec, TokenLayout
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -92,7 +92,7 @@ class StackModules:
 
 #: what a model's forward gives for an image (ArchitectureSpec.output): "logits" for a classifier; for a
 #: backbone without a classification head, where its pooled image embedding is
-OUTPUTS = ("logits", "cls_token", "pooler_output", "image_embeds", "mean_tokens")
+OUTPUTS = ("logits", "cls_token", "pooler_output", "image_embeds", "mean_tokens", "generated")
 #: how a model meets inputs at another resolution than its config's (ArchitectureSpec.interpolation)
 INTERPOLATIONS = ("flag", "always", "none")
 
@@ -118,7 +118,8 @@ class ArchitectureSpec:
         output: "logits" for a classifier; for a backbone without a classification head, its pooled
             image embedding: "cls_token" (``last_hidden_state[:, 0]``, after the final norm),
             "pooler_output", "image_embeds" (a projection head), or "mean_tokens" (mean of
-            ``last_hidden_state`` over the patch tokens).
+            ``last_hidden_state`` over the patch tokens); "generated" for a generative model (s2t,
+            lvlm: its output is the text it generates, recorded per sample in ``samples/meta``).
         interpolation: inputs at another resolution than the config's: "flag" (the forward takes
             ``interpolate_pos_encoding=True``), "always" (the model interpolates by itself: DINOv2),
             "none" (refused).
@@ -306,12 +307,20 @@ class BatchOutput:
         lengths: kind -> int ``[batch, 2]`` valid (query_len, key_len) where lengths vary.
         embedding: float tensor ``[batch, dim]``: the pooled output of a backbone without a
             classification head (None for classifiers).
+        predictions: int ``[batch]`` where the family defines them itself (generative models); None =
+            the argmax of the logits, or -1 without logits.
+        meta: per-sample JSON-able dicts for ``samples/meta`` (generated tokens, prompts, timings), or None.
+        per_sample: name -> array ``[batch, ...]`` of the family's per-sample arrays
+            (:meth:`Adapter.per_sample_specs`).
     """
 
     attention: dict[str, torch.Tensor]
     logits: torch.Tensor | None
     lengths: dict[str, np.ndarray] = field(default_factory=dict)
     embedding: torch.Tensor | None = None
+    predictions: np.ndarray | None = None
+    meta: list[dict[str, Any]] | None = None
+    per_sample: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -345,8 +354,12 @@ class Adapter(ABC):
 
     name: ClassVar[str]
     #: what one input is: "image" (vit), later "audio" (s2t), "image+prompt" (lvlm); the pipeline
-    #: picks the input collector by this name
+    #: picks the input collector by this name, and the attribution methods of this kind
     input_kind: ClassVar[str] = "image"
+    #: attribution methods recorded when ``--attributions`` is not given (cheap ones)
+    default_attributions: ClassVar[tuple[str, ...]] = ()
+    #: the family writes ``samples/meta`` (one JSON object per sample)
+    writes_meta: ClassVar[bool] = False
     #: (height, width) of the stored thumbnails, or None for inputs without one (audio)
     thumbnail_size: tuple[int, int] | None = None
 
@@ -422,6 +435,43 @@ class Adapter(ABC):
     def logits_fn(self) -> Callable[[Any], Any]:
         """``forward(model_input) -> logits [batch, classes]`` on the model's device (differentiable),
         used by attribution methods and head importance. Only for classifiers (:attr:`has_classifier`)."""
+
+    # attributions: what the methods explain and how they run (families differ: images, audio, text)
+    @classmethod
+    def resolve_target(cls, name: str, arch: ArchitectureSpec) -> Any:
+        """``--target`` -> this family's target (an :class:`extractor.targets.Target`); checked before
+        any weights are loaded. Raises InputError naming the targets that fit."""
+        if name != "auto":
+            raise InputError(f"--target {name}: the {cls.name} family has no attribution targets to choose from")
+        from extractor.targets import Target
+
+        return Target("auto", False, "")
+
+    @classmethod
+    def check_attributions(cls, methods: Sequence[str], target: Any) -> None:
+        """Refuse methods of another input kind (one line listing this family's methods)."""
+        from extractor import attributions as A
+
+        mine = A.available(cls.input_kind)
+        other = [m for m in methods if m not in mine]
+        if other:
+            raise InputError(f"attribution method(s) {', '.join(other)} do not apply to {cls.input_kind} inputs; "
+                             f"a {cls.name} model takes: {', '.join(mine) or 'none'}")
+
+    def attribution_specs(self, methods: Sequence[str], target: Any) -> list[AttributionSpec]:
+        """What the writer allocates for each method (shape, resolution, description)."""
+        if methods:
+            raise InputError(f"the {self.name} family records no attributions")
+        return []
+
+    def attribute(self, methods: Sequence[str], batch: PreparedBatch, out: BatchOutput, target: Any,
+                  predictions: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the attribution methods on one batch: name -> float ``[batch, *shape]``."""
+        return {}
+
+    def per_sample_specs(self) -> list[PerSampleSpec]:
+        """The family's per-sample arrays besides the maps (``per_sample/<name>``); none by default."""
+        return []
 
     def embedding_fn(self) -> Callable[[Any], Any]:
         """``forward(model_input) -> embedding [batch, dim]`` (differentiable): the pooled output of a

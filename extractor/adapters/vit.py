@@ -50,6 +50,7 @@ class VitAdapter(Adapter):
 
     name = "vit"
     input_kind = "image"
+    default_attributions = ("rollout", "saliency")
 
     def __init__(self, *, processor: Any, input_size: tuple[int, int], processor_kwargs: dict[str, Any] | None = None,
                  **kw: Any) -> None:
@@ -180,6 +181,40 @@ class VitAdapter(Adapter):
         if self.has_classifier:
             return BatchOutput(attention={"self": maps}, logits=out.logits.float())
         return BatchOutput(attention={"self": maps}, logits=None, embedding=self._embedding(out).float())
+
+    # -- attributions (extractor.attributions, image methods; targets: extractor.targets) -------
+
+    @classmethod
+    def resolve_target(cls, name: str, arch: ArchitectureSpec) -> Any:
+        from extractor.targets import resolve_target
+
+        return resolve_target(name, has_classifier=arch.has_classifier)
+
+    @classmethod
+    def check_attributions(cls, methods: Sequence[str], target: Any) -> None:
+        from extractor.targets import check_methods
+
+        super().check_attributions(methods, target)
+        check_methods(target, list(methods))
+
+    def attribution_specs(self, methods: Sequence[str], target: Any) -> list[Any]:
+        from extractor import attributions as A
+
+        return [A.spec(m, layout=self.layout, target=target.name) for m in methods]
+
+    def attribute(self, methods: Sequence[str], batch: PreparedBatch, out: BatchOutput, target: Any,
+                  predictions: np.ndarray) -> dict[str, np.ndarray]:
+        """Every method on the batch's own model input; rollout reads the maps as recorded (float16)."""
+        from extractor import attributions as A
+        from extractor.targets import target_forward
+
+        if not methods:
+            return {}
+        px = batch.inputs["pixel_values"].to(self.device)
+        forward, targets = target_forward(self, target, px, labels=batch.labels, predictions=predictions)
+        attn32 = out.attention["self"].float().cpu().numpy()
+        return {m: A.compute(m, forward=forward, pixel_values=px, targets=targets, attentions=attn32,
+                             layout=self.layout) for m in methods}
 
     def logits_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if not self.has_classifier:

@@ -38,6 +38,8 @@ class AttributionMethod:
             False runs it under ``torch.no_grad()`` (perturbation methods) or without torch.
         fn: ``fn(*, forward, pixel_values, targets, attentions, layout, **params) -> float [batch, h, w]``.
         params: default parameters, passed to ``fn`` and shown in the description.
+        input_kind: what the method explains: "image" (these four), later "audio" (s2t saliency); an
+            adapter takes the methods of its own input kind (``Adapter.input_kind``).
     """
 
     name: str
@@ -46,6 +48,7 @@ class AttributionMethod:
     needs_grad: bool
     fn: Callable[..., Any]
     params: Mapping[str, Any] = field(default_factory=dict)
+    input_kind: str = "image"
 
     def describe(self, **overrides: Any) -> str:
         return self.description.format(**{**self.params, **overrides})
@@ -64,7 +67,7 @@ _REGISTRY: dict[str, AttributionMethod] = {}
 
 def register(method: AttributionMethod) -> AttributionMethod:
     """Add a method to the registry (one call per method module)."""
-    if method.resolution not in RESOLUTIONS:
+    if method.input_kind == "image" and method.resolution not in RESOLUTIONS:
         raise ValueError(f"{method.name}: resolution must be one of {RESOLUTIONS}, got {method.resolution!r}")
     if method.name in _REGISTRY:
         raise ValueError(f"attribution method {method.name!r} is registered twice")
@@ -72,9 +75,9 @@ def register(method: AttributionMethod) -> AttributionMethod:
     return method
 
 
-def available() -> list[str]:
-    """Names of the registered methods, in registration order."""
-    return list(_REGISTRY)
+def available(input_kind: str | None = None) -> list[str]:
+    """Names of the registered methods (of one input kind, or all), in registration order."""
+    return [n for n, m in _REGISTRY.items() if input_kind is None or m.input_kind == input_kind]
 
 
 def get(name: str) -> AttributionMethod:

@@ -249,3 +249,32 @@ def test_gzip_option_compresses_with_gzip(tmp_path: Path) -> None:
     with h5py.File(w.path, "r") as f:
         assert f["attention/self/maps"].compression == "gzip"
         assert f["samples/thumbnail"].compression == "gzip"
+
+
+def test_per_sample_arrays_round_trip_padded(tmp_path):
+    from attnviz.store import RecordingWriter, SampleBatch, StackSpec, TokenLayout
+    from attnviz.store.schema import PerSampleSpec
+
+    lay = TokenLayout(query_axis="tokens", key_axis="frames")
+    spec = PerSampleSpec("features", (3, 5), "float16", axes=("mel", "frame"), description="log-mel input")
+    w = RecordingWriter.create(tmp_path / "a.h5", family="s2t", model_name="m", model_class="X",
+                               sample_ids=["a", "b"], stacks=[StackSpec("cross", 1, 1, 4, 6, lay)], class_names=[],
+                               per_sample=[spec], with_meta=True, batch_size=2)
+    feats = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # 4 of the 5 frames given
+    with w:
+        w.write(SampleBatch(start=0, attention={"cross": np.full((2, 1, 1, 4, 6), 1 / 6)}, predictions=np.full(2, -1),
+                            logits=np.full((2, 1), np.nan), per_sample={"features": feats},
+                            meta=[{"tokens": ["a"]}, {}]))
+        w.finish()
+    with attnviz.open(tmp_path / "a.h5") as rec:
+        assert rec.per_sample_arrays() == ["features"]
+        info = rec.per_sample_info("features")
+        assert info.shape == (3, 5) and info.axes == ("mel", "frame") and info.dtype == "float16"
+        row = rec.per_sample("features", 1)
+        assert np.array_equal(row[:, :4], feats[1]) and (row[:, 4] == 0).all()
+        assert rec.meta(0) == {"tokens": ["a"]} and rec.meta(1) == {}
+    with pytest.raises(Exception, match="per-sample array 'Bad'"):
+        RecordingWriter.create(tmp_path / "b.h5", family="s2t", model_name="m", model_class="X", sample_ids=["a"],
+                               stacks=[StackSpec("cross", 1, 1, 4, 6, lay)], class_names=[],
+                               per_sample=[PerSampleSpec("Bad", (3,))])
+    assert not (tmp_path / "b.h5.partial").exists()
