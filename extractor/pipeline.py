@@ -51,7 +51,7 @@ DEFAULT_ATTRIBUTIONS = ("rollout", "saliency")
 #: ``--attributions all``: every method of the model's input kind
 ALL_ATTRIBUTIONS = "all"
 # parameters that change what is recorded: a resumed run must use the same ones
-_RESUME_KEYS = ("model_class", "attributions", "target", "dtype", "image_size", "store_qk")
+_RESUME_KEYS = ("model_class", "attributions", "target", "dtype", "image_size", "store_qk", "family_options")
 #: seeds the per-sample choice of token positions whose query/key vectors are stored
 QK_SEED = 20231105
 
@@ -75,6 +75,8 @@ class ExtractOptions:
             "embedding_similarity".
         image_size: (height, width) to record at instead of the model's own input size (position
             embeddings interpolated), or None.
+        family_options: options only one model family takes (s2t: beam size, saliency masks, ...), passed
+            to its adapter's ``load``; an option the family does not take is an InputError.
         store_qk: also store every head's query and key vectors at this fraction of each sample's token
             positions (prefix tokens always, the rest drawn at random per sample, seeded by its index),
             for the joint query-key view; 0 = none, 1 = every position.
@@ -96,6 +98,7 @@ class ExtractOptions:
     target: str = "auto"
     image_size: tuple[int, int] | None = None
     store_qk: float = 0.0
+    family_options: dict[str, Any] = field(default_factory=dict)
     compression: str = "auto"
     overwrite: bool = False
     resume: bool = False
@@ -260,8 +263,11 @@ def extract(opts: ExtractOptions) -> ExtractResult:
                              f"(first: {unlabelled[0]})")
 
     # 3. model and file
-    load_options = {"image_size": tuple(opts.image_size)} if opts.image_size is not None else {}
+    load_options = dict(opts.family_options)
+    if opts.image_size is not None:
+        load_options["image_size"] = tuple(opts.image_size)
     adapter = adapter_cls.load(source, config, arch, device=device, autocast_dtype=autocast_dtype, **load_options)
+    adapter.plan(inputs.items)
     layout = adapter.main_layout
     specs = adapter.attribution_specs(methods, target)
     params = {
@@ -270,7 +276,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         "input": str(opts.input), "limit": opts.limit, "attributions": methods, "target": target.name,
         "target_definition": target.definition if methods else None,
         "image_size": list(layout.image_size) if opts.image_size is not None else None,
-        "store_qk": float(opts.store_qk),
+        "store_qk": float(opts.store_qk), "family_options": dict(opts.family_options),
         "dtype": opts.dtype, "device": device.type, "batch_size": opts.batch_size,
         "compression": compression, "torch": torch.__version__,
     }

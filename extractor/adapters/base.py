@@ -422,6 +422,11 @@ class Adapter(ABC):
         """Token layout of the first stack (what attributions and rollout use)."""
         return self.stacks()[0].layout
 
+    def plan(self, items: Sequence[Any]) -> None:
+        """Called once with every input before the recording is laid out, so that a family whose
+        sequence lengths depend on the inputs (audio duration, prompt length) can size its stacks
+        (:meth:`stacks`) and per-sample arrays; nothing to do for fixed-size image models."""
+
     # per batch
     @abstractmethod
     def prepare(self, items: Sequence[Any]) -> PreparedBatch:

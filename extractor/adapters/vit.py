@@ -99,7 +99,7 @@ class VitAdapter(Adapter):
         import transformers
 
         if options:
-            raise InputError(f"the vit family takes no option(s) {', '.join(sorted(options))}")
+            raise InputError(f"option(s) {', '.join(sorted(options))} do not apply to a vit model")
         if image_size is not None and arch.interpolation == "none":
             raise InputError(f"{arch.model_class} cannot interpolate its position embeddings: record it at its own "
                              "input size (leave out --image-size)")
