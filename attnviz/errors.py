@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AttnvizError", "RecordingError", "InputError", "ModelError"]
+__all__ = ["AttnvizError", "RecordingError", "InputError", "ModelError", "DiskFullError"]
 
 
 class AttnvizError(Exception):
@@ -22,3 +22,7 @@ class InputError(AttnvizError):
 
 class ModelError(AttnvizError):
     """A model cannot be found, loaded or is not supported by any adapter."""
+
+
+class DiskFullError(RecordingError):
+    """The output's file system is full (or refuses writes): what is finished is kept for ``--resume``."""

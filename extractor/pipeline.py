@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from attnviz.errors import InputError, ModelError
+from attnviz.errors import DiskFullError, InputError, ModelError
 from attnviz.store import RecordingWriter, SampleBatch, check_output_path, partial_path
 from extractor.adapters import Adapter, detect, get_adapter, load_config, resolve_model
 from extractor.adapters.base import class_names_of
@@ -309,9 +309,9 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     t0 = time.perf_counter()
     try:
         _run_batches(adapter, inputs, writer, todo, methods, target, opts)
-    except BaseException:
+    except BaseException as e:
         writer.close()  # finished batches stay: --resume continues from them
-        if partial_path(out).exists():
+        if partial_path(out).exists() and not isinstance(e, DiskFullError):  # that message says it already
             print(f"note: the finished batches are kept in {partial_path(out)}; continue with --resume",
                   file=sys.stderr)
         raise

@@ -9,12 +9,23 @@ with the same batch boundaries, which makes the resumed file equal to an uninter
 
 Compression happens in a background thread (``queue`` of depth 2: bounded memory), so the model
 does not wait for HDF5.
+
+A full disk must never reach HDF5: once a write fails for lack of space the library can neither flush
+nor close the file, and the process dies with a segmentation fault when it exits (measured: h5py 3.16,
+HDF5 2.0, on a full tmpfs). So the writer (1) checks the free space before every batch against the
+batch's size and stops with :class:`~attnviz.errors.DiskFullError` before writing anything, and (2)
+keeps a *reserve* file ``<out>.partial.reserve`` (allocated blocks, a few batches large) beside the
+output: if a write still fails for space (another process filled the disk meanwhile), it deletes the
+reserve, which lets HDF5 flush and close the file cleanly. Either way the finished batches stay on
+disk, done-flagged, and ``--resume`` after freeing space completes the recording.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -24,10 +35,17 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from attnviz.errors import InputError, RecordingError
+from attnviz.errors import DiskFullError, InputError, RecordingError
 from attnviz.store import schema as S
 
-__all__ = ["RecordingWriter", "SampleBatch", "partial_path", "check_output_path"]
+__all__ = ["RecordingWriter", "SampleBatch", "partial_path", "reserve_path", "check_output_path"]
+
+#: bytes kept free as the reserve file: this many times the largest batch, within these bounds
+RESERVE_BATCHES = 2
+RESERVE_MIN = 4 << 20
+RESERVE_MAX = 256 << 20
+#: extra room a batch needs besides its data (chunk index and metadata updates)
+BATCH_OVERHEAD = 256 << 10
 
 _STR = h5py.string_dtype()
 
@@ -36,6 +54,19 @@ def partial_path(out: str | os.PathLike) -> Path:
     """The temporary name a recording is written under until it is complete."""
     out = Path(out)
     return out.with_name(out.name + S.PARTIAL_SUFFIX)
+
+
+def reserve_path(out: str | os.PathLike) -> Path:
+    """The reserve file kept beside ``<out>.partial`` while it is written (see the module docstring)."""
+    return partial_path(out).with_name(partial_path(out).name + ".reserve")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """An OSError/RuntimeError from the OS or HDF5 that says the device has no space (or quota) left."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "errno = 28" in text or "Disk quota exceeded" in text
 
 
 def check_output_path(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> None:
@@ -139,6 +170,11 @@ class RecordingWriter:
         self._thumb_shape = tuple(h5[S.D_THUMBNAIL].shape[1:]) if S.D_THUMBNAIL in h5 else None
         self._mask_shape = tuple(h5[S.D_MASK].shape[1:]) if S.D_MASK in h5 else None
         self._error: BaseException | None = None
+        self._sample_bytes = _per_sample_bytes(h5)
+        self._reserve = reserve_path(out)
+        self._reserve_bytes = int(min(RESERVE_MAX, max(RESERVE_MIN, RESERVE_BATCHES * self.batch_size * self._sample_bytes)))
+        self._broken = False  # a write failed for space: nothing more may be written
+        self._make_reserve()
         self._queue: queue.Queue[SampleBatch | None] | None = None
         self._thread: threading.Thread | None = None
         if background:
@@ -252,7 +288,12 @@ class RecordingWriter:
             f.close()
             part.unlink(missing_ok=True)
             raise
-        return cls(out, f, background=background)
+        try:
+            return cls(out, f, background=background)
+        except BaseException:  # e.g. no room for the reserve: nothing was recorded yet
+            f.close()
+            part.unlink(missing_ok=True)
+            raise
 
     @staticmethod
     def _allocate(f: h5py.File, *, family: str, model_name: str, model_class: str, sample_ids: Sequence[str],
@@ -354,6 +395,9 @@ class RecordingWriter:
                                      f"now {len(sample_ids)}); resume with the same --input and --limit, "
                                      "or use --overwrite")
             return cls(out, f, background=background)
+        except DiskFullError:
+            f.close()
+            raise
         except (OSError, KeyError, RuntimeError, ValueError) as e:
             f.close()
             raise RecordingError(f"{part}: cannot be resumed, the file is damaged ({_short(e)}); use --overwrite") from None
@@ -405,6 +449,7 @@ class RecordingWriter:
         if not self._f.id.valid or (self._queue is not None and self._thread is None):
             raise RecordingError(f"{self.partial}: the writer is already finished or closed")
         self._check_batch(batch)
+        self._check_space(batch.size)
         if self._queue is None:
             self._write_now(batch)
             return
@@ -414,6 +459,53 @@ class RecordingWriter:
                 return
             except queue.Full:
                 self._raise_pending()
+
+    # -- disk space ----------------------------------------------------------------------------
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes one sample's rows take uncompressed (maps, vectors, attributions, thumbnails, ...)."""
+        return self._sample_bytes
+
+    def _make_reserve(self) -> None:
+        """Allocate the reserve file (real blocks, so deleting it frees them)."""
+        try:
+            with open(self._reserve, "wb") as fh:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fh.fileno(), 0, self._reserve_bytes)
+                else:  # pragma: no cover - non-POSIX: write zeros
+                    fh.write(b"\0" * self._reserve_bytes)
+        except OSError as e:
+            self._reserve.unlink(missing_ok=True)
+            if _is_disk_full(e):
+                raise DiskFullError(self._full_message(self._reserve_bytes, starting=True)) from None
+            raise RecordingError(f"{self._reserve}: cannot be created ({_short(e)})") from None
+
+    def _drop_reserve(self) -> None:
+        self._reserve.unlink(missing_ok=True)
+
+    def _free_bytes(self) -> int:
+        return int(shutil.disk_usage(self.partial.parent).free)
+
+    def _check_space(self, n: int) -> None:
+        """Refuse a batch the file system has no room for, before anything of it is written."""
+        need = n * self._sample_bytes + BATCH_OVERHEAD
+        free = self._free_bytes()
+        if free < need:
+            raise DiskFullError(self._full_message(need, free))
+
+    def _full_message(self, need: int, free: int | None = None, *, starting: bool = False) -> str:
+        free = self._free_bytes() if free is None else free
+        done = int(self._f[S.D_DONE][()].sum()) if self._f.id.valid else 0
+        rest = (self.n_samples - done) * self._sample_bytes
+        if starting and done == 0:
+            return (f"not enough free space to record {self.out} on {self.partial.parent}: {_mb(free)} free; the "
+                    f"recording needs about {_mb(rest)} uncompressed, plus {_mb(self._reserve_bytes)} kept in reserve "
+                    "while it is written; free space or choose another --out")
+        return (f"no space left for {self.partial} on {self.partial.parent}: the next write needs about "
+                f"{_mb(need)} and {_mb(free)} are free (the rest of the recording needs about {_mb(rest)} "
+                f"uncompressed); the {done} finished sample(s) are kept: free space and run the same command with "
+                "--resume")
 
     def _run(self) -> None:
         assert self._queue is not None
@@ -493,6 +585,24 @@ class RecordingWriter:
             rows(f"attribution {name!r}", values, self._attr_shape[name])
 
     def _write_now(self, b: SampleBatch) -> None:
+        if self._broken:
+            raise DiskFullError(self._full_message(b.size * self._sample_bytes))
+        try:
+            self._write_rows(b)
+        except (OSError, RuntimeError) as e:
+            if not _is_disk_full(e):
+                raise
+            # HDF5 cannot flush or close a file after a failed write unless space appears: release the
+            # reserve, so the file is flushed (without this batch's done flags) and can be closed
+            self._broken = True
+            self._drop_reserve()
+            try:
+                self._f.flush()
+            except (OSError, RuntimeError):
+                pass
+            raise DiskFullError(self._full_message(b.size * self._sample_bytes)) from None
+
+    def _write_rows(self, b: SampleBatch) -> None:
         f = self._f
         sl = slice(b.start, b.start + b.size)
         for kind, maps in b.attention.items():
@@ -558,9 +668,11 @@ class RecordingWriter:
         if not done.all():
             missing = int((~done).sum())
             self._f.close()
+            self._drop_reserve()
             raise RecordingError(f"{self.partial}: {missing} samples were not written; run again with --resume")
         self._f.attrs[S.ATTR_COMPLETE] = True
         self._f.close()
+        self._drop_reserve()
         os.replace(self.partial, self.out)
         return self.out
 
@@ -571,9 +683,16 @@ class RecordingWriter:
                 self._queue.join()
         finally:
             self._stop_thread()
-            if self._f.id.valid:
-                self._f.flush()
-                self._f.close()
+            try:
+                if self._f.id.valid:
+                    if self._broken:
+                        self._drop_reserve()  # room for the close's own metadata writes
+                    try:
+                        self._f.flush()
+                    finally:
+                        self._f.close()
+            finally:
+                self._drop_reserve()
 
     def _stop_thread(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -588,6 +707,25 @@ class RecordingWriter:
     def __exit__(self, *exc: object) -> None:
         if self._f.id.valid:
             self.close()
+
+
+def _per_sample_bytes(h5: h5py.File) -> int:
+    """Uncompressed bytes of one sample's rows over every per-sample dataset of the file."""
+    n = int(h5.attrs[S.ATTR_N_SAMPLES])
+    total = 0
+
+    def visit(name: str, obj: Any) -> None:
+        nonlocal total
+        if isinstance(obj, h5py.Dataset) and obj.shape and obj.shape[0] == n and not name.startswith(S.G_ANALYSES):
+            per = int(np.prod(obj.shape[1:], dtype=np.int64)) if len(obj.shape) > 1 else 1
+            total += per * (obj.dtype.itemsize if obj.dtype.kind != "O" else 64)
+
+    h5.visititems(visit)
+    return max(total, 1)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
 def _compression(name: str) -> dict[str, Any]:
