@@ -250,6 +250,17 @@ def report(
     typer.echo(f"wrote {index}")
 
 
+def _raised_in_hdf5(e: BaseException) -> bool:
+    """True when ``e`` (an OSError/RuntimeError/ValueError/KeyError) was raised inside h5py: a damaged or
+    concurrently changed file, not a bug of attnviz."""
+    import traceback
+
+    if not isinstance(e, (OSError, RuntimeError, ValueError, KeyError)):
+        return False
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and any(f"{'/'}h5py{'/'}" in fr.filename.replace("\\", "/") for fr in frames[-3:])
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the typer app, turning user errors into one line and exit code 2."""
     try:
@@ -269,6 +280,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         # click's usage errors (bad option, missing argument) carry format_message()
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             typer.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
+        if _raised_in_hdf5(e):  # a damaged file found deep inside a read: still one line
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            typer.echo(f"error: a recording cannot be read: damaged or changed while reading ({text})", err=True)
             sys.exit(2)
         raise
     # without standalone mode, click turns Ctrl-C into the return value 130 instead of raising

@@ -34,6 +34,7 @@ from extractor.adapters import Adapter, detect, get_adapter, load_config, resolv
 from extractor.adapters.base import class_names_of
 from extractor.device import resolve_device, resolve_dtype
 from extractor.inputs import InputSet, collect_images
+from extractor.loading import fingerprint_differences, model_fingerprint
 from extractor.targets import TARGET_NAMES, Target
 
 # adapter.input_kind -> function enumerating and checking the inputs of that kind
@@ -242,6 +243,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     if opts.family is not None and arch.family != opts.family:
         raise ModelError(f"{source.ref} is a {arch.model_class} ({arch.family} family), not a {opts.family} model")
     adapter_cls = get_adapter(arch.family)
+    # the weights are checked (and identified) before anything slow: a damaged file is one line now
+    fingerprint = model_fingerprint(source.path, config, arch.model_class)
     if opts.attributions is None:
         methods = list(adapter_cls.default_attributions)
     elif opts.attributions == ALL_ATTRIBUTIONS:
@@ -282,6 +285,13 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     }
     if opts.resume:
         writer = RecordingWriter.resume(out, sample_ids=inputs.ids)
+        stored_fp = writer.model_fingerprint
+        if stored_fp is not None:
+            diffs = fingerprint_differences(stored_fp, fingerprint, writer.model_config, config)
+            if diffs:
+                writer.close()
+                raise InputError(f"{partial_path(out)} was recorded with another model: {'; '.join(diffs)} differ; "
+                                 "resume with the model that made it, or start again with --overwrite")
         stored = writer.params
         for key in _RESUME_KEYS:
             if key in stored and stored[key] != params[key]:
@@ -300,7 +310,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
             model_config=adapter.config_dict(), extraction_params=params,
             target_source="label" if inputs.has_labels else "prediction",
             skipped=inputs.skipped, with_meta=adapter.writes_meta, per_sample=adapter.per_sample_specs(),
-            overwrite=opts.overwrite,
+            model_fingerprint=fingerprint, overwrite=opts.overwrite,
         )
 
     # 4. the loop

@@ -22,6 +22,35 @@ from attnviz.store import schema as S
 __all__ = ["Recording", "open"]
 
 
+def _reads(fn: Any) -> Any:
+    """Methods that read data: a damaged chunk (HDF5 errors: OSError, RuntimeError) becomes one
+    :class:`RecordingError` naming the file, as every other problem of a recording does."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self: "Recording", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            raise RecordingError(f"{self.path}: cannot be read: damaged data ({_first_line(e)})") from None
+
+    return wrapper
+
+
+def _reads_iter(fn: Any) -> Any:
+    """:func:`_reads` for generator methods."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self: "Recording", *args: Any, **kwargs: Any) -> Any:
+        try:
+            yield from fn(self, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            raise RecordingError(f"{self.path}: cannot be read: damaged data ({_first_line(e)})") from None
+
+    return wrapper
+
+
 def open(path: str | os.PathLike) -> Recording:  # noqa: A001 - the public name is attnviz.open
     """Open a recording read-only (lazily) and validate it.
 
@@ -88,18 +117,19 @@ class Recording:
     # -- validation ------------------------------------------------------------------------
 
     def _validate(self) -> None:
-        """Check what every reader method relies on; cheap (attributes, shapes, a few small arrays)."""
+        """Check the whole contract of docs/file-format.md that readers rely on: every attribute the schema
+        declares parses and has the right type, and agrees with the datasets' shapes. Cheap: attributes,
+        shapes and a few small arrays (done flags, lengths, labels), never the maps themselves."""
         f, a, p = self._f, self._f.attrs, self.path
         fmt = a.get(S.ATTR_FORMAT)
-        if fmt is None or _str(fmt) != S.FORMAT_NAME:
+        if fmt is None or _text(fmt) != S.FORMAT_NAME:
             raise RecordingError(f"{p}: not an attnviz recording (root attribute 'format' is not {S.FORMAT_NAME!r})")
         if S.ATTR_VERSION not in a:
             raise RecordingError(f"{p}: root attribute 'format_version' is missing; the file is not a valid recording")
         raw = a[S.ATTR_VERSION]
-        try:
-            version = int(raw)
-        except (TypeError, ValueError):
-            raise RecordingError(f"{p}: format version {_str(raw)!r} is not an integer") from None
+        version = _integer(raw)
+        if version is None:
+            raise RecordingError(f"{p}: format version {_text(raw)!r} is not an integer")
         if version != S.FORMAT_VERSION:
             hint = ("written by a newer attnviz; upgrade attnviz (pip install -U attnviz) to read it"
                     if version > S.FORMAT_VERSION else "record it again with this attnviz")
@@ -107,6 +137,23 @@ class Recording:
         missing = [k for k in S.REQUIRED_ROOT_ATTRS if k not in a]
         if missing:
             raise RecordingError(f"{p}: missing root attribute(s) {', '.join(missing)}")
+        for name in (S.ATTR_FAMILY, S.ATTR_MODEL_NAME, S.ATTR_CREATED, S.ATTR_MAIN_KIND, S.ATTR_MODEL_CLASS,
+                     S.ATTR_TARGET_SOURCE, S.ATTR_PRODUCER):
+            if name in a and _text(a[name], strict=True) is None:
+                raise RecordingError(f"{p}: root attribute {name!r} is not a string")
+        n = self._int_attr(a, S.ATTR_N_SAMPLES, "/", minimum=0)
+        self._int_attr(a, S.ATTR_N_LAYERS, "/", minimum=1)
+        self._int_attr(a, S.ATTR_N_HEADS, "/", minimum=1)
+        if S.ATTR_BATCH_SIZE in a:
+            self._int_attr(a, S.ATTR_BATCH_SIZE, "/", minimum=1)
+        if _integer(a[S.ATTR_COMPLETE]) is None:
+            raise RecordingError(f"{p}: root attribute 'complete' is not a boolean")
+        for name in (S.ATTR_PARAMS, S.ATTR_MODEL_FINGERPRINT):
+            if name in a:
+                self._json_attr(a, name, "/", dict)
+        if S.ATTR_TARGET_SOURCE in a and _text(a[S.ATTR_TARGET_SOURCE]) not in S.TARGET_SOURCES:
+            raise RecordingError(f"{p}: root attribute 'target_source' is {_text(a[S.ATTR_TARGET_SOURCE])!r}, "
+                                 f"expected one of {', '.join(S.TARGET_SOURCES)}")
         family = self.family
         if family not in S.FAMILIES:
             raise RecordingError(f"{p}: unknown family {family!r} (known: {', '.join(S.FAMILIES)})")
@@ -117,50 +164,158 @@ class Recording:
         if family in S.THUMBNAIL_FAMILIES:
             required.append(S.D_THUMBNAIL)
         for name in required:
-            if name not in f:
+            if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise RecordingError(f"{p}: required dataset /{name} is missing")
-        n = int(a[S.ATTR_N_SAMPLES])
+        for name in (S.G_SAMPLES, S.G_MODEL, S.G_ATTENTION, S.G_ATTRIBUTIONS, S.G_HEAD_METRICS, S.G_ANALYSES,
+                     S.G_PER_SAMPLE):
+            if name in f and not isinstance(f[name], h5py.Group):
+                raise RecordingError(f"{p}: /{name} is not a group")
         per_sample = [S.D_ID, S.D_DONE, S.D_LABEL, S.D_PREDICTION, S.D_LOGITS, S.D_THUMBNAIL, S.D_MASK, S.D_META]
-        if S.G_ATTRIBUTIONS in f:
-            per_sample += [f"{S.G_ATTRIBUTIONS}/{name}" for name in f[S.G_ATTRIBUTIONS]]
-        if S.G_PER_SAMPLE in f:
-            per_sample += [f"{S.G_PER_SAMPLE}/{name}" for name in f[S.G_PER_SAMPLE]]
+        for group in (S.G_ATTRIBUTIONS, S.G_PER_SAMPLE):
+            if group in f:
+                per_sample += [f"{group}/{name}" for name in f[group]]
         for name in per_sample:
-            if name in f and (not f[name].shape or f[name].shape[0] != n):
-                raise RecordingError(f"{p}: /{name} has {f[name].shape[0] if f[name].shape else 0} rows, expected {n}")
+            if name in f:
+                obj = f[name]
+                if not isinstance(obj, h5py.Dataset) or not obj.shape or obj.shape[0] != n:
+                    rows = obj.shape[0] if isinstance(obj, h5py.Dataset) and obj.shape else 0
+                    raise RecordingError(f"{p}: /{name} has {rows} rows, expected {n}")
+        kinds = {S.D_DONE: "biu", S.D_LABEL: "iu", S.D_PREDICTION: "iu", S.D_LOGITS: "f", S.D_THUMBNAIL: "u",
+                 S.D_MASK: "biu"}
+        for name, ok in kinds.items():
+            if name in f and f[name].dtype.kind not in ok:
+                raise RecordingError(f"{p}: /{name} has dtype {f[name].dtype}, not what the format says")
+        for name in (S.D_ID, S.D_CLASS_NAMES, S.D_META, S.D_SKIPPED):
+            if name in f and f[name].dtype.kind not in "OSU":
+                raise RecordingError(f"{p}: /{name} is not a string dataset")
         logits = f[S.D_LOGITS].shape
         n_classes = len(f[S.D_CLASS_NAMES])
         if len(logits) != 2 or (n_classes and logits[1] != n_classes):
             raise RecordingError(f"{p}: /{S.D_LOGITS} has shape {logits}, expected ({n}, {n_classes}) "
                                  f"for {n_classes} class names")
+        if S.D_THUMBNAIL in f:
+            th = f[S.D_THUMBNAIL].shape
+            if len(th) != 4 or th[3] != 3 or min(th[1:3], default=0) < 1:
+                raise RecordingError(f"{p}: /{S.D_THUMBNAIL} has shape {th}, expected ({n}, height, width, 3)")
+            if S.D_MASK in f and f[S.D_MASK].shape[1:] != th[1:3]:
+                raise RecordingError(f"{p}: /{S.D_MASK} has shape {f[S.D_MASK].shape}, the thumbnails are {th[1:3]}")
+        labels = f[S.D_LABEL][()]
+        if n_classes and ((labels < -1) | (labels >= n_classes)).any():
+            raise RecordingError(f"{p}: /{S.D_LABEL} holds labels outside -1..{n_classes - 1}")
+        done = f[S.D_DONE][()].astype(bool)
+        n_done = int(done.size if done.all() else np.argmin(done))
         for kind in self.kinds():
-            for name in (S.maps_path(kind), S.lengths_path(kind)):
-                if name not in f:
-                    raise RecordingError(f"{p}: required dataset /{name} is missing")
-            g = f[f"{S.G_ATTENTION}/{kind}"]
-            for attr in (S.ATTR_STACK_N_LAYERS, S.ATTR_STACK_N_HEADS, S.ATTR_LAYOUT):
-                if attr not in g.attrs:
-                    raise RecordingError(f"{p}: /{S.G_ATTENTION}/{kind} lacks its attribute {attr!r}")
-            L, H = int(g.attrs[S.ATTR_STACK_N_LAYERS]), int(g.attrs[S.ATTR_STACK_N_HEADS])
-            shape = g[S.MAPS].shape
-            if len(shape) != 5 or shape[:3] != (n, L, H):
-                raise RecordingError(f"{p}: /{S.maps_path(kind)} has shape {shape}, expected ({n}, {L}, {H}, Q, K)")
-            if kind == main and (L, H) != (self.n_layers, self.n_heads):
-                raise RecordingError(f"{p}: root n_layers x n_heads {self.n_layers}x{self.n_heads} differ from "
-                                     f"the {kind!r} stack's {L}x{H}")
-            lengths = g[S.LENGTHS]
-            if lengths.shape != (n, 2):
-                raise RecordingError(f"{p}: /{S.lengths_path(kind)} has shape {lengths.shape}, expected ({n}, 2)")
-            lens = lengths[()]
-            if (lens < 0).any() or (lens[:, 0] > shape[3]).any() or (lens[:, 1] > shape[4]).any():
-                raise RecordingError(f"{p}: /{S.lengths_path(kind)} has lengths outside the maps' {shape[3]}x{shape[4]}")
-            self._validate_qk(kind, g, n, L, H, max(shape[3], shape[4]))
+            self._validate_stack(kind, n, n_done, main)
+        if S.G_ATTRIBUTIONS in f:
+            for name, ds in f[S.G_ATTRIBUTIONS].items():
+                self._validate_attribution(name, ds)
+        if S.G_HEAD_METRICS in f:
+            for name, ds in f[S.G_HEAD_METRICS].items():
+                self._validate_head_metric(name, ds)
         try:  # touch the data: a damaged file can open and still fail on reading
-            f[S.D_DONE][()]
-            if self.n_samples:
-                f[S.maps_path(main)][self.n_samples - 1, -1, -1, :1, :1]
-        except OSError:
+            if n_done:
+                f[S.maps_path(main)][n_done - 1, -1, -1, :1, :1]
+        except (OSError, RuntimeError):
             raise RecordingError(f"{p}: cannot be read: truncated or damaged data") from None
+
+    def _int_attr(self, attrs: Any, name: str, where: str, *, minimum: int) -> int:
+        value = _integer(attrs[name]) if name in attrs else None
+        if value is None or value < minimum:
+            raw = _text(attrs[name]) if name in attrs else "missing"
+            raise RecordingError(f"{self.path}: attribute {name!r} of {where} is {raw!r}, expected an integer >= {minimum}")
+        return value
+
+    def _json_attr(self, attrs: Any, name: str, where: str, kind: type) -> Any:
+        try:
+            value = S.loads(attrs[name])
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise RecordingError(f"{self.path}: attribute {name!r} of {where} is not valid JSON") from None
+        if not isinstance(value, kind):
+            raise RecordingError(f"{self.path}: attribute {name!r} of {where} is not a JSON {kind.__name__}")
+        return value
+
+    def _validate_stack(self, kind: str, n: int, n_done: int, main: str) -> None:
+        f, p = self._f, self.path
+        where = f"/{S.G_ATTENTION}/{kind}"
+        g = f[where]
+        if not isinstance(g, h5py.Group):
+            raise RecordingError(f"{p}: {where} is not a group")
+        if kind not in S.FAMILY_KINDS[self.family]:
+            raise RecordingError(f"{p}: {where}: a {self.family} recording has no {kind!r} attention")
+        for name in (S.maps_path(kind), S.lengths_path(kind)):
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise RecordingError(f"{p}: required dataset /{name} is missing")
+        for attr in (S.ATTR_STACK_N_LAYERS, S.ATTR_STACK_N_HEADS, S.ATTR_LAYOUT):
+            if attr not in g.attrs:
+                raise RecordingError(f"{p}: {where} lacks its attribute {attr!r}")
+        L = self._int_attr(g.attrs, S.ATTR_STACK_N_LAYERS, where, minimum=1)
+        H = self._int_attr(g.attrs, S.ATTR_STACK_N_HEADS, where, minimum=1)
+        layout = self._layout_attr(g, where)
+        shape = g[S.MAPS].shape
+        if len(shape) != 5 or shape[:3] != (n, L, H):
+            raise RecordingError(f"{p}: /{S.maps_path(kind)} has shape {shape}, expected ({n}, {L}, {H}, Q, K)")
+        if g[S.MAPS].dtype.kind != "f":
+            raise RecordingError(f"{p}: /{S.maps_path(kind)} has dtype {g[S.MAPS].dtype}, expected float16")
+        if kind == main and (L, H) != (self.n_layers, self.n_heads):
+            raise RecordingError(f"{p}: root n_layers x n_heads {self.n_layers}x{self.n_heads} differ from "
+                                 f"the {kind!r} stack's {L}x{H}")
+        if layout.grid is not None and layout.n_tokens not in (shape[3], None) or \
+                layout.grid is not None and shape[3] != shape[4]:
+            raise RecordingError(f"{p}: {where}: the layout's {layout.n_prefix} prefix token(s) + "
+                                 f"{layout.grid[0]}x{layout.grid[1]} patches do not fit maps of {shape[3]}x{shape[4]}")
+        lengths = g[S.LENGTHS]
+        if lengths.shape != (n, 2) or lengths.dtype.kind not in "iu":
+            raise RecordingError(f"{p}: /{S.lengths_path(kind)} has shape {lengths.shape}, expected ({n}, 2) integers")
+        lens = lengths[()]
+        if (lens < 0).any() or (lens[:, 0] > shape[3]).any() or (lens[:, 1] > shape[4]).any():
+            raise RecordingError(f"{p}: /{S.lengths_path(kind)} has lengths outside the maps' {shape[3]}x{shape[4]}")
+        if n_done and (lens[:n_done] < 1).any():
+            raise RecordingError(f"{p}: /{S.lengths_path(kind)} has zero lengths for written samples")
+        self._validate_qk(kind, g, n, L, H, max(shape[3], shape[4]))
+
+    def _layout_attr(self, g: h5py.Group, where: str) -> S.TokenLayout:
+        d = self._json_attr(g.attrs, S.ATTR_LAYOUT, where, dict)
+        try:
+            lay = S.TokenLayout.from_json(S.dumps(d))
+        except (TypeError, ValueError):
+            raise RecordingError(f"{self.path}: {where}: attribute 'layout' does not describe a token layout") from None
+
+        def pair(v: Any) -> bool:
+            return v is None or (isinstance(v, tuple) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v))
+
+        ok = (_is_int(lay.n_prefix) and lay.n_prefix >= 0 and all(isinstance(x, str) for x in lay.prefix_names)
+              and len(lay.prefix_names) in (0, lay.n_prefix) and pair(lay.grid) and pair(lay.patch_size)
+              and pair(lay.image_size) and lay.query_axis in ("tokens", "frames") and lay.key_axis in ("tokens", "frames"))
+        if not ok:
+            raise RecordingError(f"{self.path}: {where}: attribute 'layout' has values of the wrong type or range")
+        return lay
+
+    def _validate_attribution(self, name: str, ds: Any) -> None:
+        where = f"/{S.G_ATTRIBUTIONS}/{name}"
+        if not isinstance(ds, h5py.Dataset) or len(ds.shape) < 2 or ds.dtype.kind != "f":
+            raise RecordingError(f"{self.path}: {where} is not a float array [sample, ...]")
+        res = ds.attrs.get(S.ATTR_RESOLUTION)
+        if res is not None and _text(res) not in S.RESOLUTIONS and self.family in S.THUMBNAIL_FAMILIES:
+            raise RecordingError(f"{self.path}: {where}: resolution {_text(res)!r} is not one of {', '.join(S.RESOLUTIONS)}")
+        for attr in (S.ATTR_TARGET, S.ATTR_DESCRIPTION):
+            if attr in ds.attrs and _text(ds.attrs[attr], strict=True) is None:
+                raise RecordingError(f"{self.path}: {where}: attribute {attr!r} is not a string")
+
+    def _validate_head_metric(self, name: str, ds: Any) -> None:
+        where = f"/{S.G_HEAD_METRICS}/{name}"
+        if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu":
+            raise RecordingError(f"{self.path}: {where} is not a numeric array")
+        kind = _text(ds.attrs.get(S.ATTR_METRIC_KIND, self.main_kind))
+        if kind not in self.kinds():
+            raise RecordingError(f"{self.path}: {where} belongs to a {kind!r} stack this recording does not have")
+        g = self._f[f"{S.G_ATTENTION}/{kind}"]
+        stack = (_integer(g.attrs[S.ATTR_STACK_N_LAYERS]), _integer(g.attrs[S.ATTR_STACK_N_HEADS]))
+        if ds.shape != stack:
+            raise RecordingError(f"{self.path}: {where} has shape {ds.shape}, its {kind!r} stack is {stack}")
+        if S.ATTR_METRIC_PARAMS in ds.attrs:
+            self._json_attr(ds.attrs, S.ATTR_METRIC_PARAMS, where, dict)
+        if S.ATTR_METRIC_HIGHER in ds.attrs and _integer(ds.attrs[S.ATTR_METRIC_HIGHER]) is None:
+            raise RecordingError(f"{self.path}: {where}: attribute {S.ATTR_METRIC_HIGHER!r} is not a boolean")
 
     def _validate_qk(self, kind: str, g: h5py.Group, n: int, n_layers: int, n_heads: int, n_tokens: int) -> None:
         """The optional query/key vectors of a stack: all three datasets or none, consistent shapes."""
@@ -223,6 +378,13 @@ class Recording:
     def model_config(self) -> dict[str, Any]:
         return S.loads(self._f[S.G_MODEL].attrs.get(S.ATTR_MODEL_CONFIG, "{}"))
 
+    @property
+    def model_fingerprint(self) -> dict[str, Any]:
+        """What produced the recording: model class, sha256 of the config, of the weights (all bytes, or
+        header + sampled blocks for large weights) and of the processing files; {} for older files."""
+        raw = self._f.attrs.get(S.ATTR_MODEL_FINGERPRINT)
+        return S.loads(raw) if raw is not None else {}
+
     # -- sizes -----------------------------------------------------------------------------
 
     @property
@@ -267,6 +429,7 @@ class Recording:
 
     # -- attention ------------------------------------------------------------------------
 
+    @_reads
     def attention(self, sample: int, layer: int, head: int, kind: str | None = None) -> np.ndarray:
         """One attention map as the model computed it.
 
@@ -277,12 +440,14 @@ class Recording:
         q, k = self.lengths(sample, kind)
         return self._maps(kind)[sample, layer, head, :q, :k].astype(np.float32)
 
+    @_reads
     def attention_heads(self, sample: int, layer: int, kind: str | None = None) -> np.ndarray:
         """All heads of one layer: float32 ``[head, query_pos, key_pos]``."""
         self._check(sample, layer, 0, kind)
         q, k = self.lengths(sample, kind)
         return self._maps(kind)[sample, layer, :, :q, :k].astype(np.float32)
 
+    @_reads
     def attention_query(self, sample: int, layer: int, query: int, kind: str | None = None,
                         head: int | None = None) -> np.ndarray:
         """One query row: float32 ``[key_pos]`` for one head, or ``[head, key_pos]`` for all heads."""
@@ -293,6 +458,7 @@ class Recording:
         sel = slice(None) if head is None else head
         return self._maps(kind)[sample, layer, sel, query, :k].astype(np.float32)
 
+    @_reads
     def lengths(self, sample: int, kind: str | None = None) -> tuple[int, int]:
         """Valid (query_len, key_len) of one sample (maps are padded to the longest sample)."""
         self._check_sample(sample)
@@ -302,6 +468,7 @@ class Recording:
         q, k = self._lengths[kind][sample]
         return int(q), int(k)
 
+    @_reads_iter
     def iter_attention(self, kind: str | None = None, *, samples: Sequence[int] | None = None,
                        batch_size: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream maps in batches so analyses never hold more than one batch.
@@ -335,12 +502,14 @@ class Recording:
         g = self._group(kind)
         return float(g.attrs.get(S.ATTR_QK_FRACTION, 0.0)) if S.QUERIES in g else 0.0
 
+    @_reads
     def qk_positions(self, sample: int, kind: str | None = None) -> np.ndarray:
         """int ``[n]``: the token positions (in the maps' order) whose vectors are stored for ``sample``."""
         self._check_sample(sample)
         pos = self._qk_dataset(kind, S.QK_POSITIONS)[sample]
         return pos[pos >= 0].astype(np.int64)
 
+    @_reads
     def queries_keys(self, sample: int, layer: int, head: int,
                      kind: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One head's stored vectors of one sample.
@@ -357,6 +526,7 @@ class Recording:
         k = self._qk_dataset(kind, S.KEYS)[sample, layer, head][keep].astype(np.float32)
         return pos[keep].astype(np.int64), q, k
 
+    @_reads_iter
     def iter_qk(self, kind: str | None = None, *, samples: Sequence[int] | None = None,
                 batch_size: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Stream the stored vectors in batches of samples.
@@ -387,14 +557,17 @@ class Recording:
 
     # -- per-sample data -----------------------------------------------------------------
 
+    @_reads
     def sample_ids(self) -> list[str]:
         """The stable id (normally the input's relative path) of each written sample."""
         return list(self._cached("sample_ids", lambda: [_str(s) for s in self._f[S.D_ID][: self.n_samples]]))
 
+    @_reads
     def labels(self) -> np.ndarray:
         """int32 ``[n_samples]``; -1 where the input had no label."""
         return self._labels().copy()
 
+    @_reads
     def predictions(self) -> np.ndarray:
         """int32 ``[n_samples]``: argmax of the logits; -1 where the model predicts no class
         (a backbone without a classification head)."""
@@ -420,6 +593,7 @@ class Recording:
             return None
         return float((self._predictions()[known] == lab[known]).mean())
 
+    @_reads
     def logits(self, sample: int | slice | None = None) -> np.ndarray:
         """float32 ``[n_classes]`` for one sample, or ``[n, n_classes]``."""
         if sample is None:
@@ -432,10 +606,12 @@ class Recording:
         self._check_sample(sample)
         return self._f[S.D_LOGITS][sample]
 
+    @_reads
     def class_names(self) -> list[str]:
         """Class index -> name (empty for a model without classes)."""
         return list(self._cached("class_names", lambda: [_str(s) for s in self._f[S.D_CLASS_NAMES][()]]))
 
+    @_reads
     def thumbnail(self, sample: int) -> np.ndarray:
         """uint8 ``[h, w, 3]``: the input as the model saw it (resized), for display."""
         self._check_sample(sample)
@@ -445,19 +621,28 @@ class Recording:
     def has_masks(self) -> bool:
         return S.D_MASK in self._f
 
+    @_reads
     def mask(self, sample: int) -> np.ndarray | None:
         """uint8 ``[h, w]`` object mask (nonzero = object), or None when the recording has none."""
         self._check_sample(sample)
         return self._f[S.D_MASK][sample] if self.has_masks else None
 
+    @_reads
     def meta(self, sample: int) -> dict[str, Any]:
         """Per-sample metadata (tokens, words, timings, prompts), {} when none."""
         self._check_sample(sample)
         if S.D_META not in self._f:
             return {}
         raw = self._f[S.D_META][sample]
-        return S.loads(raw) if raw else {}
+        if not raw:
+            return {}
+        try:
+            value = S.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise RecordingError(f"{self.path}: /{S.D_META} of sample {sample} is not valid JSON (damaged)") from None
+        return value if isinstance(value, dict) else {}
 
+    @_reads
     def skipped(self) -> list[tuple[str, str]]:
         """Inputs the extraction skipped, as (path, reason)."""
         if S.D_SKIPPED not in self._f:
@@ -473,6 +658,7 @@ class Recording:
     def attribution_methods(self) -> list[str]:
         return sorted(self._f[S.G_ATTRIBUTIONS].keys()) if S.G_ATTRIBUTIONS in self._f else []
 
+    @_reads
     def attribution(self, sample: int, method: str) -> np.ndarray:
         """float32 ``[h, w]`` at pixel or patch resolution (see :meth:`attribution_info`)."""
         ds = self._dataset(f"{S.G_ATTRIBUTIONS}/{method}", "attribution", self.attribution_methods())
@@ -492,6 +678,7 @@ class Recording:
         """Names of the per-sample arrays stored at ``per_sample/<name>``."""
         return sorted(self._f[S.G_PER_SAMPLE].keys()) if S.G_PER_SAMPLE in self._f else []
 
+    @_reads
     def per_sample(self, name: str, sample: int) -> np.ndarray:
         """One sample's row of ``per_sample/<name>`` (its declared per-sample shape, zero-padded)."""
         ds = self._dataset(f"{S.G_PER_SAMPLE}/{name}", "per-sample array", self.per_sample_arrays())
@@ -510,6 +697,7 @@ class Recording:
         """Names of the per-head metrics stored in the file."""
         return sorted(self._f[S.G_HEAD_METRICS].keys()) if S.G_HEAD_METRICS in self._f else []
 
+    @_reads
     def head_metric(self, name: str) -> np.ndarray:
         """float32 ``[n_layers, n_heads]`` of the stack the metric was computed on."""
         return self._dataset(f"{S.G_HEAD_METRICS}/{name}", "head metric", self.head_metrics())[()].astype(np.float32)
@@ -533,7 +721,16 @@ class Recording:
     def analysis_group(self, name: str) -> h5py.Group | None:
         """The cached group ``analyses/<name>`` (read-only) or None; see :mod:`attnviz.store.cache`."""
         key = f"{S.G_ANALYSES}/{name}"
-        return self._f[key] if key in self._f else None
+        if key not in self._f or not isinstance(self._f[key], h5py.Group):
+            return None
+        g = self._f[key]
+        raw = g.attrs.get(S.ATTR_ANALYSIS_PARAMS)
+        if raw is not None:
+            try:
+                S.loads(raw)
+            except (ValueError, TypeError, UnicodeDecodeError):
+                return None  # damaged parameters: as absent (the cache rule), recomputed by `attnviz analyze`
+        return g
 
     # -- sizes on disk -------------------------------------------------------------------
 
@@ -644,7 +841,37 @@ class Recording:
 
 
 def _str(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def _text(v: Any, strict: bool = False) -> str | None:
+    """An attribute as text; with ``strict``, None unless it is a string (str, bytes, or a string scalar)."""
+    if isinstance(v, (str, bytes)):
+        return _str(v)
+    if isinstance(v, np.generic) and v.dtype.kind in "SUO":
+        return _str(v.item())
+    if isinstance(v, np.ndarray) and v.shape == () and v.dtype.kind in "SUO":
+        return _str(v.item())
+    return None if strict else _str(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> int | None:
+    """An attribute that must be an integer (or a boolean, stored as one): its value, else None."""
+    if isinstance(v, np.ndarray):
+        if v.shape != () and v.size != 1:
+            return None
+        v = v.reshape(()).item()
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return int(v)
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -73,6 +73,8 @@ ATTR_PRODUCER = "producer"
 ATTR_BATCH_SIZE = "batch_size"
 ATTR_PARAMS = "extraction_params"
 ATTR_TARGET_SOURCE = "target_source"
+# What produced the recording (model class, config/weights/processing hashes), JSON; --resume compares it.
+ATTR_MODEL_FINGERPRINT = "model_fingerprint"
 
 # Groups and datasets.
 G_SAMPLES = "samples"

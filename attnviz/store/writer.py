@@ -207,6 +207,7 @@ class RecordingWriter:
         skipped: Sequence[tuple[str, str]] = (),
         with_meta: bool = False,
         per_sample: Sequence[S.PerSampleSpec] = (),
+        model_fingerprint: dict[str, Any] | None = None,
         overwrite: bool = False,
         background: bool = True,
     ) -> RecordingWriter:
@@ -221,6 +222,7 @@ class RecordingWriter:
             target_source: "label" or "prediction": what accuracy-type metrics treat as the truth.
             with_meta: allocate ``samples/meta`` (one JSON object per sample).
             per_sample: further per-sample arrays (``per_sample/<name>``).
+            model_fingerprint: what identifies the model (``extractor.loading.model_fingerprint``).
         """
         # everything is checked before the file exists: a refused call leaves nothing behind
         if family not in S.FAMILIES:
@@ -284,6 +286,8 @@ class RecordingWriter:
                           batch_size=batch_size, comp=comp, model_config=model_config,
                           extraction_params=extraction_params, target_source=target_source, skipped=skipped,
                           with_meta=with_meta, per_sample=per_sample)
+            if model_fingerprint is not None:
+                f.attrs[S.ATTR_MODEL_FINGERPRINT] = S.dumps(model_fingerprint)
         except BaseException:
             f.close()
             part.unlink(missing_ok=True)
@@ -410,6 +414,15 @@ class RecordingWriter:
     @property
     def params(self) -> dict[str, Any]:
         return S.loads(self._f.attrs[S.ATTR_PARAMS])
+
+    @property
+    def model_fingerprint(self) -> dict[str, Any] | None:
+        raw = self._f.attrs.get(S.ATTR_MODEL_FINGERPRINT)
+        return S.loads(raw) if raw is not None else None
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return S.loads(self._f[S.G_MODEL].attrs.get(S.ATTR_MODEL_CONFIG, "{}"))
 
     def pending_batches(self) -> list[tuple[int, int]]:
         """(start, stop) of every batch not yet done, in order."""

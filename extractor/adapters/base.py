@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from attnviz.errors import InputError, ModelError
+from attnviz.errors import AttnvizError, InputError, ModelError
 from attnviz.store.schema import AttributionSpec, PerSampleSpec, StackSpec, TokenLayout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -564,7 +564,9 @@ def load_config(source: ModelSource) -> Any:
 
     try:
         return AutoConfig.from_pretrained(source.path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except (AttnvizError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged config.json fails in many ways
         raise ModelError(f"{source.ref}: cannot read config.json ({_first_line(e)})") from None
 
 

@@ -104,20 +104,11 @@ class VitAdapter(Adapter):
             raise InputError(f"{arch.model_class} cannot interpolate its position embeddings: record it at its own "
                              "input size (leave out --image-size)")
 
-        from transformers.utils import logging as hf_logging
 
-        model_cls = getattr(transformers, arch.model_class)
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # our own bar follows; one is enough
-        try:
-            model = model_cls.from_pretrained(source.path, attn_implementation="eager", local_files_only=True,
-                                              use_safetensors=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ModelError(f"{source.ref}: cannot load {arch.model_class} weights ({_first_line(e)}); "
-                             "attnviz loads model.safetensors made by save_pretrained") from None
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
+        from extractor.loading import load_pretrained
+
+        model = load_pretrained(getattr(transformers, arch.model_class), source.path, source.ref,
+                                attn_implementation="eager")
         model.eval().to(device)
         processor = _load_processor(source, config, arch)
         kwargs = _size_overrides(processor, image_size) if image_size is not None else {}
@@ -290,10 +281,10 @@ def _load_processor(source: ModelSource, config: Any, arch: ArchitectureSpec) ->
     if (source.path / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
-        try:
+        from extractor.loading import guarded
+
+        with guarded("preprocessor_config.json", source.ref):
             return AutoImageProcessor.from_pretrained(source.path, backend="pil", local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"{source.ref}: cannot load preprocessor_config.json ({_first_line(e)})") from None
     from transformers import ViTImageProcessorPil
 
     size = arch.vision(config).image_size
