@@ -136,14 +136,17 @@ def load_pretrained(model_cls: Any, path: Path, ref: str, **kwargs: Any) -> Any:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # attnviz shows its own progress
     try:
-        mismatch = _shape_mismatch(model_cls, path)
-        if mismatch:
-            raise ModelError(f"{ref}: the weights do not fit config.json: {mismatch}; config.json and model.safetensors "
-                             "come from different models")
-        with guarded(f"{getattr(model_cls, '__name__', 'model')} weights", ref,
-                     "; attnviz loads model.safetensors made by save_pretrained"):
+        try:
             model, info = model_cls.from_pretrained(path, local_files_only=True, use_safetensors=True,
                                                     output_loading_info=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - classified below, always one line
+            if "ignore_mismatched_sizes" in str(e):
+                raise ModelError(f"{ref}: the weights do not fit config.json: "
+                                 f"{_mismatch(model_cls, path, kwargs)}; config.json and model.safetensors come from "
+                                 "different models") from None
+            with guarded(f"{getattr(model_cls, '__name__', 'model')} weights", ref,
+                         "; attnviz loads model.safetensors made by save_pretrained"):
+                raise
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar:
@@ -156,47 +159,22 @@ def load_pretrained(model_cls: Any, path: Path, ref: str, **kwargs: Any) -> Any:
     return model
 
 
-def _header_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
-    return shapes
-
-
-def _shape_mismatch(model_cls: Any, path: Path) -> str | None:
-    """The first tensor whose shape in the checkpoint differs from what config.json builds, as
-    "name: [..] in the weights, [..] for the config"; None when all agree (or the check cannot run).
-
-    The model is built on the meta device (no memory); checkpoint names are matched to the model's by
-    their longest common dotted suffix (classifiers keep the backbone under a prefix)."""
+def _mismatch(model_cls: Any, path: Path, kwargs: dict[str, Any]) -> str:
+    """The first tensor whose checkpoint shape differs from the config's, from a second load that
+    tolerates it (transformers reports it then instead of raising)."""
     try:
-        import torch
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        with torch.device("meta"):
-            model = model_cls._from_config(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        stored = _header_shapes(weight_files(path))
-    except Exception:  # noqa: BLE001 - a best-effort diagnosis; from_pretrained reports the rest
-        return None
-    by_suffix: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for k, shape in expected.items():
-        parts = k.split(".")
-        for i in range(len(parts)):
-            by_suffix.setdefault(".".join(parts[i:]), (k, shape))
-    for name, shape in sorted(stored.items()):
-        parts = name.split(".")
-        for i in range(len(parts)):
-            hit = by_suffix.get(".".join(parts[i:]))
-            if hit is not None:
-                if hit[1] != shape:
-                    return f"{name}: {list(shape)} in the weights, {list(hit[1])} for the config"
-                break
-    return None
+        _, info = model_cls.from_pretrained(path, local_files_only=True, use_safetensors=True, output_loading_info=True,
+                                            ignore_mismatched_sizes=True, **kwargs)
+        bad = list(info.get("mismatched_keys") or [])
+    except Exception:  # noqa: BLE001 - only a better message was at stake
+        bad = []
+    if not bad:
+        return "their tensor shapes differ from what config.json builds"
+    first = bad[0]
+    if isinstance(first, (tuple, list)) and len(first) == 3:
+        name, ckpt, model = first
+        return f"{name}: {list(ckpt)} in the weights, {list(model)} for the config ({len(bad)} tensor(s) differ)"
+    return f"{len(bad)} tensor(s) differ in shape, e.g. {first}"
 
 
 def _sha256_file(path: Path) -> str:

@@ -16,7 +16,10 @@ HDF5 2.0, on a full tmpfs). So the writer (1) checks the free space before every
 batch's size and stops with :class:`~attnviz.errors.DiskFullError` before writing anything, and (2)
 keeps a *reserve* file ``<out>.partial.reserve`` (allocated blocks, a few batches large) beside the
 output: if a write still fails for space (another process filled the disk meanwhile), it deletes the
-reserve, which lets HDF5 flush and close the file cleanly. Either way the finished batches stay on
+reserve, which lets HDF5 flush and close the file cleanly. The file is opened without a chunk cache
+(``rdcc_nbytes=0``: every chunk is written whole, so a cache gains nothing), so a chunk's bytes reach the
+disk inside the write call that can report the failure, never later in a dataset's destructor, where
+h5py can only print the error and the file is left unclosable. Either way the finished batches stay on
 disk, done-flagged, and ``--resume`` after freeing space completes the recording.
 """
 
@@ -42,7 +45,7 @@ __all__ = ["RecordingWriter", "SampleBatch", "partial_path", "reserve_path", "ch
 
 #: bytes kept free as the reserve file: this many times the largest batch, within these bounds
 RESERVE_BATCHES = 2
-RESERVE_MIN = 4 << 20
+RESERVE_MIN = 512 << 10
 RESERVE_MAX = 256 << 20
 #: extra room a batch needs besides its data (chunk index and metadata updates)
 BATCH_OVERHEAD = 256 << 10
@@ -276,7 +279,7 @@ class RecordingWriter:
             part.unlink()
         try:
             # low bound v110: readable by any HDF5 >= 1.10, not only by the HDF5 that wrote it
-            f = h5py.File(part, "w", libver=(S.HDF5_LIBVER_LOW, "latest"))
+            f = h5py.File(part, "w", libver=(S.HDF5_LIBVER_LOW, "latest"), rdcc_nbytes=0)
         except OSError as e:  # unwritable directory and the like
             raise InputError(f"cannot write {part}: {_short(e)}") from None
         try:
@@ -385,7 +388,7 @@ class RecordingWriter:
         out = Path(out)
         part = partial_path(out)
         try:
-            f = h5py.File(part, "r+")
+            f = h5py.File(part, "r+", rdcc_nbytes=0)
         except OSError as e:
             raise RecordingError(f"{part}: cannot be resumed, the file is damaged ({_short(e)}); use --overwrite") from None
         try:
