@@ -44,8 +44,11 @@ def create_app(files: Sequence[str | os.PathLike], *, title: str = "attnviz") ->
     set_active_registry(registry)
     use_house_template()
     _reset_dash_globals()
+    from attnviz.app.shell import callback_error, register_shell_callbacks, shell_layout
+
     app = dash.Dash(
         "attnviz.app",
+        on_error=callback_error,
         use_pages=True,
         pages_folder=str(PAGES_DIR),
         assets_folder=str(ASSETS_DIR),
@@ -54,7 +57,6 @@ def create_app(files: Sequence[str | os.PathLike], *, title: str = "attnviz") ->
         update_title=None,
     )
     app.server.config["ATTNVIZ_REGISTRY"] = registry
-    from attnviz.app.shell import register_shell_callbacks, shell_layout
 
     app.layout = shell_layout(registry)
     register_shell_callbacks()

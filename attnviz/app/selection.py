@@ -29,7 +29,7 @@ from typing import Any
 from attnviz.errors import AttnvizError
 from attnviz.store.reader import Recording
 
-__all__ = ["Selection", "initial_selection", "resolve", "patch"]
+__all__ = ["Selection", "initial_selection", "resolve", "patch", "out_of_range"]
 
 KEYS = ("file", "sample", "layer", "head", "query")
 
@@ -102,11 +102,36 @@ def resolve(data: Any, kind: str | None = None) -> tuple[Selection, Recording | 
             return sel, None, f"{sel.file}: no samples written yet."
         if kind is not None and kind not in rec.kinds():
             return sel, None, f"{sel.file}: this {rec.family} recording has no {kind!r} attention."
+        problem = out_of_range(sel, rec)
+        if problem:
+            return sel, None, problem
         return sel.clamp(rec, kind), rec, None
     except AttnvizError as e:
         return sel, None, str(e)
     except OSError as e:
         return sel, None, f"{sel.file}: cannot be read ({e})"
+
+
+def out_of_range(sel: Selection, rec: Recording) -> str | None:
+    """A message when the selection names a sample, layer, head or query the recording does not have at all.
+
+    Within the recording, a layer or head beyond the stack a page shows (a Whisper decoder vs its encoder,
+    a LLaVA language model vs its vision tower) is brought to the nearest one (:meth:`Selection.clamp`);
+    a value beyond every stack, or a sample or query that does not exist, can only come from a stale or
+    crafted request, and is said so instead of being guessed."""
+    if not 0 <= sel.sample < rec.n_samples:
+        return f"{sel.file}: sample {sel.sample} is out of range; this recording has samples 0..{rec.n_samples - 1}."
+    shapes = [rec.stack_shape(k) for k in rec.kinds()]
+    max_layers, max_heads = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    if not 0 <= sel.layer < max_layers:
+        return f"{sel.file}: layer {sel.layer} is out of range; its stacks have layers 0..{max_layers - 1}."
+    if not 0 <= sel.head < max_heads:
+        return f"{sel.file}: head {sel.head} is out of range; its stacks have heads 0..{max_heads - 1}."
+    if sel.query is not None:
+        longest = max(rec.lengths(sel.sample, k)[0] for k in rec.kinds())
+        if not 0 <= sel.query < longest:
+            return f"{sel.file}: query position {sel.query} is out of range for sample {sel.sample} (0..{longest - 1})."
+    return None
 
 
 def patch(**changes: Any):

@@ -43,6 +43,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "accuracy": rec.accuracy,
             "has_predictions": rec.has_predictions,
             "model_output": rec.extraction_params.get("output", "logits"),
+            "model_fingerprint": rec.model_fingerprint,
             "attributions": rec.attribution_methods(),
             "head_metrics": rec.head_metrics(),
             "analyses": rec.analyses(),
@@ -74,6 +75,11 @@ def format_description(d: dict[str, Any]) -> str:
     ]
     if d["accuracy"] is not None:
         lines.append(f"  accuracy   {d['accuracy']:.1%}")
+    fp = d.get("model_fingerprint") or {}
+    if fp:
+        lines.append(f"  model id   weights sha256 {str(fp.get('weights_sha256', ''))[:16]} ({fp.get('weights_hash', '?')}, "
+                     f"{_size(int(fp.get('weights_bytes', 0)))}), config {str(fp.get('config_sha256', ''))[:16]}"
+                     + (f", {len(fp.get('processing') or {})} processing file(s)" if fp.get("processing") else ""))
     if not d.get("has_predictions", True) and d["samples"]:
         out = d.get("model_output", "logits")
         how = f"; its output is the pooled embedding ({out})" if out != "logits" else ""

@@ -59,10 +59,14 @@ def test_only_given_files_can_be_opened(app, rec_path, tmp_path):
     assert get_recording("run.h5").path == rec_path.resolve()
 
 
-def test_selection_is_parsed_and_clamped(app):
-    s, rec, problem = resolve({"file": "run.h5", "sample": 99, "layer": -3, "head": "2", "query": 1000})
-    assert problem is None
-    assert s == Selection(file="run.h5", sample=4, layer=0, head=2, query=None)
+def test_selection_is_parsed_and_out_of_range_values_are_said_not_guessed(app):
+    s, rec, problem = resolve({"file": "run.h5", "sample": 4, "layer": 1, "head": "2", "query": 3})
+    assert problem is None and s == Selection(file="run.h5", sample=4, layer=1, head=2, query=3)
+    for bad, words in [({"sample": 99}, "sample 99 is out of range; this recording has samples 0..4"),
+                       ({"sample": -1}, "sample -1 is out of range"), ({"layer": 7}, "layer 7 is out of range"),
+                       ({"head": -3}, "head -3 is out of range"), ({"query": 1000}, "query position 1000 is out")]:
+        _, rec, problem = resolve({"file": "run.h5", "sample": 0, "layer": 0, "head": 0, "query": None, **bad})
+        assert rec is None and words in problem, (bad, problem)
     assert Selection.from_store("garbage") == Selection()
 
 
@@ -204,7 +208,8 @@ def test_bad_files_show_a_message_and_others_keep_working(tmp_path):
     assert "format version 99" in text
     text, cls = banner({"file": "partial.h5"})
     assert "4 of 6 samples" in text and "warning" in cls
-    assert explorer.overlay({"file": "partial.h5", "sample": 5}).data  # clamped to written samples
+    assert explorer.overlay({"file": "partial.h5", "sample": 3}).data  # a written sample of an incomplete file
+    assert "samples 0..3" in explorer.overlay({"file": "partial.h5", "sample": 5}).layout.annotations[0].text
     assert "not an HDF5" in explorer.overlay({"file": "notes.h5"}).layout.annotations[0].text
     assert get_recording("doomed.h5").n_samples == 2
     os.remove(doomed)
