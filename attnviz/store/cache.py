@@ -38,7 +38,7 @@ def open_for_update(path: str | os.PathLike) -> h5py.File:
         if not rec.complete:
             raise RecordingError(f"{path}: the recording is incomplete; finish it with `attnviz extract --resume` first")
     try:
-        return h5py.File(path, "r+", locking=False)
+        return h5py.File(path, "r+", locking=False, rdcc_nbytes=0)  # no chunk cache: see _check_space
     except OSError as e:
         why = str(e).splitlines()[0]
         hint = ("; it is open read-only in this process: pass the open Recording instead of the path"
@@ -95,7 +95,9 @@ def save_analysis(target: str | os.PathLike | Recording | h5py.File, name: str, 
     if reserved:
         raise ValueError(f"attribute(s) {', '.join(sorted(reserved))} are set by save_analysis itself")
     params_json = S.dumps(dict(params))
+    need = (256 << 10) + sum(_nbytes(v) for v in arrays.values())
     with _file(target) as f:
+        _check_space(f, need)
         key = f"{S.G_ANALYSES}/{name}"
         if key in f:
             del f[key]
@@ -115,6 +117,27 @@ def save_analysis(target: str | os.PathLike | Recording | h5py.File, name: str, 
         except BaseException:
             del f[key]
             raise
+
+
+def _nbytes(v: Any) -> int:
+    try:
+        a = np.asarray(v)
+    except ValueError:  # ragged: refused below, where the group is written
+        return 0
+    return int(a.nbytes if a.dtype != object else 64 * a.size)
+
+
+def _check_space(f: h5py.File, need: int) -> None:
+    """Refuse to write a derived result the file system has no room for (see attnviz.store.writer: a
+    write that fails for space inside HDF5 leaves a file that cannot be closed)."""
+    import shutil
+
+    from attnviz.errors import DiskFullError
+
+    free = shutil.disk_usage(Path(f.filename).parent).free
+    if free < need:
+        raise DiskFullError(f"{f.filename}: no space left to store the result ({need / 2**20:.1f} MB needed, "
+                            f"{free / 2**20:.1f} MB free); the recording is unchanged: free space and run again")
 
 
 def load_analysis(rec: Recording, name: str, params: Mapping[str, Any]) -> dict[str, np.ndarray] | None:

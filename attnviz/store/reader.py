@@ -773,7 +773,7 @@ class Recording:
         self._f.close()
         self._datasets.clear()
         try:
-            f = h5py.File(self.path, "r+", locking=False)
+            f = h5py.File(self.path, "r+", locking=False, rdcc_nbytes=0)
         except OSError as e:
             self._f = h5py.File(self.path, "r", locking=False)
             why = _first_line(e)
