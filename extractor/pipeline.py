@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from attnviz.analysis.head_stats import HeadStatsAccumulator
 from attnviz.errors import DiskFullError, InputError, ModelError
 from attnviz.store import RecordingWriter, SampleBatch, check_output_path, partial_path
 from extractor.adapters import Adapter, detect, get_adapter, load_config, resolve_model
@@ -317,8 +318,13 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     todo = writer.pending_batches()
     n_todo = sum(stop - start for start, stop in todo)
     t0 = time.perf_counter()
+    # per-head statistics accumulated from the maps while they are in memory (no read-back at the end);
+    # a resumed run has not seen the earlier batches and computes them from the file instead
+    main_stack = adapter.stacks()[0]
+    stats = None if opts.resume else HeadStatsAccumulator(main_stack.kind, main_stack.n_layers, main_stack.n_heads,
+                                                           main_stack.layout.n_prefix)
     try:
-        _run_batches(adapter, inputs, writer, todo, methods, target, opts)
+        _run_batches(adapter, inputs, writer, todo, methods, target, opts, stats)
     except BaseException as e:
         writer.close()  # finished batches stay: --resume continues from them
         if partial_path(out).exists() and not isinstance(e, DiskFullError):  # that message says it already
@@ -331,7 +337,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
 
     # 5. basic per-head statistics, so the dashboard has them without `attnviz analyze`
     t1 = time.perf_counter()
-    _store_head_stats(path)
+    _store_head_stats(path, stats)
     stats_seconds = time.perf_counter() - t1
 
     import attnviz
@@ -427,15 +433,19 @@ def _select_qk(captured: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]
 
 
 def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, todo: list[tuple[int, int]],
-                 methods: list[str], target: Target, opts: ExtractOptions) -> None:
+                 methods: list[str], target: Target, opts: ExtractOptions,
+                 stats: HeadStatsAccumulator | None = None) -> None:
     items = inputs.items
     n_todo = sum(stop - start for start, stop in todo)
     bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress)
     main_kind, layout = adapter.stacks()[0].kind, adapter.main_layout
     n_columns = writer.n_logit_columns
     n_keep_qk = writer.qk_tokens(main_kind)
-    # one thread reads and preprocesses the next batch while the model runs this one
-    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-prepare") as pool:
+    # one thread reads and preprocesses the next batch while the model runs this one; another one adds the
+    # batch's maps to the per-head statistics (numpy releases the GIL) while the next forward runs
+    stats_done: Future[Any] | None = None
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-prepare") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-stats") as stats_pool:
         pending: Future[Any] | None = pool.submit(adapter.prepare, items[todo[0][0]:todo[0][1]]) if todo else None
         for i, (start, stop) in enumerate(todo):
             assert pending is not None
@@ -460,12 +470,18 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
                 predictions = np.full(b, -1, np.int32)
             if out.predictions is not None:  # the family defines its own (generative models)
                 predictions = np.asarray(out.predictions, np.int32)
+            if stats is not None:
+                if stats_done is not None:
+                    stats_done.result()  # one batch at a time: bounded memory, and errors surface here
+                stats_done = stats_pool.submit(stats.add, maps[main_kind], out.lengths.get(main_kind))
             attributions = adapter.attribute(methods, batch, out, target, predictions)
             writer.write(SampleBatch(start=start, attention=maps, predictions=predictions, logits=logits,
                                      lengths=out.lengths, labels=batch.labels, thumbnails=batch.thumbnails,
                                      masks=batch.masks, attributions=attributions, qk=qk, meta=out.meta,
                                      per_sample=out.per_sample))
             bar.update(stop - start)
+        if stats_done is not None:
+            stats_done.result()
 
 
 def _progress(*, total: int, initial: int, enabled: bool) -> Any:
@@ -476,15 +492,19 @@ def _progress(*, total: int, initial: int, enabled: bool) -> Any:
                 dynamic_ncols=True, file=sys.stderr)
 
 
-def _store_head_stats(path: Path) -> None:
-    """Basic per-head statistics (``attnviz.analysis.head_stats``) stored into the finished file.
+def _store_head_stats(path: Path, stats: HeadStatsAccumulator | None = None) -> None:
+    """Basic per-head statistics (``attnviz.analysis.head_stats``) stored into the finished file: those
+    accumulated during the run, or (resumed run) computed from the file.
 
     The recording is complete at this point: a failure here is a warning, not a lost run.
     """
-    from attnviz.analysis.head_stats import compute_and_store
+    from attnviz.analysis.head_stats import compute_and_store, store_head_stats
 
     try:
-        compute_and_store(path)
+        if stats is not None:
+            store_head_stats(path, stats.result())
+        else:
+            compute_and_store(path)
     except Exception as e:  # noqa: BLE001 - reported, and `attnviz analyze` can redo it
         print(f"warning: per-head statistics failed ({type(e).__name__}: {e}); run `attnviz analyze {path}`",
               file=sys.stderr)

@@ -31,6 +31,8 @@ from attnviz.store.schema import HeadMetricInfo
 
 __all__ = [
     "HeadStats",
+    "HeadStatsAccumulator",
+    "store_head_stats",
     "METRIC_INFO",
     "STAT_NAMES",
     "map_stats",
@@ -99,6 +101,55 @@ def map_stats(maps: np.ndarray, n_prefix: int = 0) -> tuple[np.ndarray, np.ndarr
     return entropy, confidence, prefix
 
 
+class HeadStatsAccumulator:
+    """The statistics of :func:`compute_head_stats` accumulated batch by batch from maps in memory (the
+    extractor feeds it while it records, so nothing is read back from disk). Sums and counts only: two
+    accumulators over disjoint samples :meth:`merge` into the one over both (shards, ranks).
+
+    Args:
+        kind: the stack; n_layers / n_heads its shape; n_prefix its prefix tokens.
+    """
+
+    def __init__(self, kind: str, n_layers: int, n_heads: int, n_prefix: int) -> None:
+        self.kind, self.n_prefix = kind, n_prefix
+        self.sums = np.zeros((3, n_layers, n_heads), np.float64)
+        self.n_queries = 0
+        self.n_samples = 0
+
+    def add(self, maps: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        """One batch: maps float ``[batch, layer, head, query_pos, key_pos]`` (padded), lengths int
+        ``[batch, 2]`` valid (query_len, key_len) or None for fixed-size maps."""
+        maps = np.asarray(maps)
+        for j in range(maps.shape[0]):
+            q, k = (maps.shape[-2], maps.shape[-1]) if lengths is None else (int(lengths[j][0]), int(lengths[j][1]))
+            for layer in range(maps.shape[1]):
+                # float32 here: the sums are float64; one layer at a time keeps the temporaries small
+                a = np.clip(maps[j, layer, :, :q, :k].astype(np.float32), 0.0, None)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    plogp = np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0)), 0.0)
+                self.sums[0, layer] += -plogp.sum((-1, -2), dtype=np.float64)
+                self.sums[1, layer] += a.max(-1).sum(-1, dtype=np.float64)
+                if self.n_prefix:
+                    self.sums[2, layer] += a[..., : self.n_prefix].sum((-1, -2), dtype=np.float64)
+            self.n_queries += q
+            self.n_samples += 1
+
+    def merge(self, other: HeadStatsAccumulator) -> HeadStatsAccumulator:
+        self.sums += other.sums
+        self.n_queries += other.n_queries
+        self.n_samples += other.n_samples
+        return self
+
+    def result(self) -> HeadStats:
+        n_layers, n_heads = self.sums.shape[1:]
+        if self.n_queries == 0:
+            nan = np.full((n_layers, n_heads), np.nan)
+            return HeadStats(self.kind, nan, nan.copy(), nan.copy() if self.n_prefix else None, 0)
+        mean = self.sums / self.n_queries
+        return HeadStats(kind=self.kind, entropy=mean[0], confidence=mean[1],
+                         cls_attention=mean[2] if self.n_prefix else None, n_samples=self.n_samples)
+
+
 def compute_head_stats(rec: Recording, kind: str | None = None, *, max_samples: int | None = None,
                        batch_size: int = 4) -> HeadStats:
     """Stream over the (first ``max_samples``) samples and average the statistics per head.
@@ -145,10 +196,17 @@ def compute_and_store(path: str | os.PathLike, *, max_samples: int | None = None
     Raises:
         RecordingError: the file is not a complete recording.
     """
-    from attnviz.store.cache import open_for_update, write_head_metric
-
     with Recording(path) as rec:
         stats = compute_head_stats(rec, kind, max_samples=max_samples)
+    store_head_stats(path, stats, max_samples=max_samples)
+    return stats
+
+
+def store_head_stats(path: str | os.PathLike, stats: HeadStats, *, max_samples: int | None = None) -> None:
+    """Write computed (or accumulated) statistics as head metrics ``entropy``, ``confidence``,
+    ``cls_attention`` with their definitions and citations."""
+    from attnviz.store.cache import open_for_update, write_head_metric
+
     params = {"max_samples": max_samples, "n_samples": stats.n_samples}
     f = open_for_update(path)
     try:
@@ -160,4 +218,3 @@ def compute_and_store(path: str | os.PathLike, *, max_samples: int | None = None
             write_head_metric(f, info, values)
     finally:
         f.close()
-    return stats

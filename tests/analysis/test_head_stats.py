@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import entropy as scipy_entropy
 
+import attnviz
+
 from attnviz.analysis.head_stats import METRIC_INFO, compute_and_store, compute_head_stats, map_stats
 from attnviz.errors import RecordingError
 from attnviz.store.reader import Recording
@@ -106,3 +108,40 @@ def test_cli_analyze(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_accumulator_equals_the_pass_over_the_file_and_merges(tmp_path):
+    from attnviz.analysis.head_stats import HeadStatsAccumulator, compute_head_stats
+    from tests.helpers import make_recording
+
+    path = make_recording(tmp_path / "r.h5", n_samples=6, n_layers=2, n_heads=3)
+    with attnviz.open(path) as rec:
+        ref = compute_head_stats(rec)
+        whole = HeadStatsAccumulator("self", 2, 3, 1)
+        halves = [HeadStatsAccumulator("self", 2, 3, 1), HeadStatsAccumulator("self", 2, 3, 1)]
+        for idx, maps in rec.iter_attention(batch_size=2):
+            lengths = np.array([rec.lengths(int(s)) for s in idx])
+            whole.add(maps, lengths)
+            halves[int(idx[0]) >= 3].add(maps, lengths)
+    got = whole.result()
+    merged = halves[0].merge(halves[1]).result()
+    for name in ("entropy", "confidence", "cls_attention"):
+        assert np.allclose(getattr(got, name), getattr(ref, name), rtol=1e-5), name
+        assert np.allclose(getattr(merged, name), getattr(ref, name), rtol=1e-5), name
+    assert got.n_samples == merged.n_samples == 6
+
+
+def test_extraction_stores_statistics_equal_to_a_recount(tmp_path):
+    from attnviz.analysis.head_stats import compute_head_stats
+    from extractor.pipeline import ExtractOptions, extract
+    from tests.helpers import save_tiny_model, write_images
+
+    save_tiny_model(tmp_path / "m", "vit")
+    write_images(tmp_path / "imgs", [f"{i}.png" for i in range(5)])
+    out = extract(ExtractOptions(model=str(tmp_path / "m"), input=str(tmp_path / "imgs"), out=str(tmp_path / "r.h5"),
+                                 device="cpu", batch_size=2, attributions=(), progress=False)).path
+    with attnviz.open(out) as rec:
+        ref = compute_head_stats(rec)
+        assert np.allclose(rec.head_metric("entropy"), ref.entropy, rtol=1e-5)
+        assert np.allclose(rec.head_metric("cls_attention"), ref.cls_attention, rtol=1e-5)
+        assert rec.head_metric_info("entropy").params["n_samples"] == 5
