@@ -7,7 +7,6 @@ import pytest
 from scipy.stats import entropy as scipy_entropy
 
 import attnviz
-
 from attnviz.analysis.head_stats import METRIC_INFO, compute_and_store, compute_head_stats, map_stats
 from attnviz.errors import RecordingError
 from attnviz.store.reader import Recording
