@@ -208,6 +208,25 @@ def analyze(
 
 
 @app.command()
+def merge(
+    out: Path = typer.Argument(..., help="The merged recording to write (.h5)."),
+    shards: list[Path] = typer.Argument(..., help="The shard recordings (e.g. run.shard*.h5 from a torchrun extraction)."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the data into the merged file (the shards can then be "
+                              "deleted) instead of virtual datasets that read the shards in place."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Join the shards of a distributed (torchrun) extraction into one recording."""
+    from attnviz.store.merge import merge_shards
+
+    path = merge_shards(out, shards, copy=copy, overwrite=overwrite)
+    import attnviz
+
+    with attnviz.open(path) as rec:
+        typer.echo(f"wrote {path}: {rec.n_samples} samples from {len(shards)} shard(s) "
+                   f"({'copied' if copy else 'virtual datasets over the shards, which must stay beside it'})")
+
+
+@app.command()
 def serve(
     files: Optional[list[Path]] = typer.Argument(None, help="Recordings or folders of them (default: sample_data/)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: every interface)."),

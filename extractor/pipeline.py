@@ -18,6 +18,7 @@ resumed file equals an uninterrupted run.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +32,7 @@ import torch
 from attnviz.analysis.head_stats import HeadStatsAccumulator
 from attnviz.errors import DiskFullError, InputError, ModelError
 from attnviz.store import RecordingWriter, SampleBatch, check_output_path, partial_path
+from attnviz.store.merge import shard_path
 from extractor.adapters import Adapter, detect, get_adapter, load_config, resolve_model
 from extractor.adapters.base import class_names_of
 from extractor.device import resolve_device, resolve_dtype
@@ -227,9 +229,15 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         raise InputError(f"--image-size must be a positive height x width, got {opts.image_size}")
     if opts.family is not None:
         get_adapter(opts.family)
-    out = Path(opts.out)
+    final_out = Path(opts.out)
+    dist = distributed_rank()
+    out = final_out if dist is None else shard_path(final_out, dist.rank, dist.world_size)
+    if dist is not None and dist.rank == 0 and not opts.resume:
+        check_output_path(final_out, overwrite=opts.overwrite, resume=False)
     check_output_path(out, overwrite=opts.overwrite, resume=opts.resume)
     device = resolve_device(opts.device)
+    if dist is not None and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank % max(torch.cuda.device_count(), 1))
     autocast_dtype = resolve_dtype(opts.dtype, device)
     compression = resolve_compression(opts.compression, device)
     if isinstance(opts.attributions, str) and opts.attributions != ALL_ATTRIBUTIONS:
@@ -260,6 +268,15 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     # a backbone without a classification head has no classes: the inputs' own labels name them
     model_classes = class_names_of(config) if arch.has_classifier else None
     inputs = INPUT_COLLECTORS[adapter_cls.input_kind](opts.input, class_names=model_classes, limit=opts.limit)
+    shard_offset = 0
+    if dist is not None:  # this rank's contiguous slice; every rank enumerated the same inputs
+        import dataclasses
+
+        shard_offset, stop = dist.slice(len(inputs.items))
+        if shard_offset >= stop:
+            raise InputError(f"rank {dist.rank} of {dist.world_size} has no inputs: {len(inputs.items)} input(s) "
+                             f"for {dist.world_size} ranks; use fewer processes")
+        inputs = dataclasses.replace(inputs, items=inputs.items[shard_offset:stop])
     if target.name == "label":
         unlabelled = [it.id for it in inputs.items if it.label < 0]
         if unlabelled:
@@ -312,6 +329,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
             target_source="label" if inputs.has_labels else "prediction",
             skipped=inputs.skipped, with_meta=adapter.writes_meta, per_sample=adapter.per_sample_specs(),
             model_fingerprint=fingerprint, overwrite=opts.overwrite,
+            shard=None if dist is None else (dist.rank, dist.world_size, shard_offset),
         )
 
     # 4. the loop
@@ -342,12 +360,74 @@ def extract(opts: ExtractOptions) -> ExtractResult:
 
     import attnviz
 
+    if dist is not None:  # every rank's shard is done: rank 0 joins them (when the ranks can meet)
+        merged = dist.merge_when_all_done(final_out, overwrite=opts.overwrite)
+        if merged is not None:
+            path = merged
     with attnviz.open(path) as rec:
         accuracy = rec.accuracy
         n = rec.n_samples
         skipped = rec.skipped()
     return ExtractResult(path=path, n_samples=n, n_recorded=n_todo, seconds=seconds, accuracy=accuracy,
                          skipped=skipped, adapter=adapter, head_stats_seconds=stats_seconds)
+
+
+@dataclass(frozen=True)
+class DistributedRank:
+    """This process's place in a ``torchrun`` launch (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    def slice(self, n: int) -> tuple[int, int]:
+        """(start, stop) of this rank's contiguous share of ``n`` inputs (the first ``n % world`` get one more)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+    def merge_when_all_done(self, out: Path, *, overwrite: bool) -> Path | None:
+        """Wait for every rank (a gloo barrier, when torchrun gave a rendezvous address), then rank 0 merges
+        the shards into ``out`` as virtual datasets. Without a rendezvous nothing waits: run
+        ``attnviz merge`` afterwards. Returns the merged path on rank 0, else None."""
+        import torch.distributed as td
+
+        if not os.environ.get("MASTER_ADDR"):
+            if self.rank == 0:
+                print(f"note: shards written as {shard_path(out, 0, self.world_size).name} ...; join them with "
+                      f"`attnviz merge {out} {out.with_suffix('')}.shard*.h5`", file=sys.stderr)
+            return None
+        own = not td.is_initialized()
+        if own:
+            td.init_process_group("gloo")
+        try:
+            td.barrier()
+            merged = None
+            if self.rank == 0:
+                from attnviz.store.merge import merge_shards
+
+                merged = merge_shards(out, [shard_path(out, r, self.world_size) for r in range(self.world_size)],
+                                      overwrite=overwrite)
+            td.barrier()
+            return merged
+        finally:
+            if own:
+                td.destroy_process_group()
+
+
+def distributed_rank() -> DistributedRank | None:
+    """The torchrun rank of this process, or None outside a multi-process launch."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise InputError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if world <= 1:
+        return None
+    if not 0 <= rank < world:
+        raise InputError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return DistributedRank(rank=rank, world_size=world, local_rank=local)
 
 
 def _with_qk(adapter: Adapter, fraction: float) -> list[Any]:

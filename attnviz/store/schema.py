@@ -75,6 +75,11 @@ ATTR_PARAMS = "extraction_params"
 ATTR_TARGET_SOURCE = "target_source"
 # What produced the recording (model class, config/weights/processing hashes), JSON; --resume compares it.
 ATTR_MODEL_FINGERPRINT = "model_fingerprint"
+# A shard of a distributed extraction (torchrun): its index, the number of shards, its first sample's
+# index in the whole recording (attnviz merge joins them).
+ATTR_SHARD_INDEX = "shard_index"
+ATTR_SHARD_COUNT = "shard_count"
+ATTR_SHARD_OFFSET = "shard_offset"
 
 # Groups and datasets.
 G_SAMPLES = "samples"

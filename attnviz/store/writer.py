@@ -211,6 +211,7 @@ class RecordingWriter:
         with_meta: bool = False,
         per_sample: Sequence[S.PerSampleSpec] = (),
         model_fingerprint: dict[str, Any] | None = None,
+        shard: tuple[int, int, int] | None = None,
         overwrite: bool = False,
         background: bool = True,
     ) -> RecordingWriter:
@@ -226,6 +227,7 @@ class RecordingWriter:
             with_meta: allocate ``samples/meta`` (one JSON object per sample).
             per_sample: further per-sample arrays (``per_sample/<name>``).
             model_fingerprint: what identifies the model (``extractor.loading.model_fingerprint``).
+            shard: (index, count, offset) when this file is one shard of a distributed run.
         """
         # everything is checked before the file exists: a refused call leaves nothing behind
         if family not in S.FAMILIES:
@@ -291,6 +293,9 @@ class RecordingWriter:
                           with_meta=with_meta, per_sample=per_sample)
             if model_fingerprint is not None:
                 f.attrs[S.ATTR_MODEL_FINGERPRINT] = S.dumps(model_fingerprint)
+            if shard is not None:
+                f.attrs[S.ATTR_SHARD_INDEX], f.attrs[S.ATTR_SHARD_COUNT], f.attrs[S.ATTR_SHARD_OFFSET] = \
+                    (int(v) for v in shard)
         except BaseException:
             f.close()
             part.unlink(missing_ok=True)
