@@ -96,7 +96,7 @@ class Recording:
             raise RecordingError(f"{self.path}: is a directory, not a recording (.h5)")
         try:
             # no file locking: the dashboard may read while `attnviz analyze` adds to the file
-            self._f = h5py.File(self.path, "r", locking=False)
+            self._f = _open_read(self.path)
         except OSError as e:
             msg = str(e).lower()
             why = "truncated (an interrupted copy or write?)" if "truncated" in msg else "not an HDF5 file or damaged"
@@ -775,7 +775,7 @@ class Recording:
         try:
             f = h5py.File(self.path, "r+", locking=False, rdcc_nbytes=0)
         except OSError as e:
-            self._f = h5py.File(self.path, "r", locking=False)
+            self._f = _open_read(self.path)
             why = _first_line(e)
             hint = "; another handle of it is open in this process" if "already open" in why else ""
             raise RecordingError(f"{self.path}: cannot be opened for writing ({why}){hint}") from None
@@ -783,7 +783,7 @@ class Recording:
             yield f
         finally:
             f.close()
-            self._f = h5py.File(self.path, "r", locking=False)
+            self._f = _open_read(self.path)
 
 
     @property
@@ -838,6 +838,20 @@ class Recording:
         state = "" if self.complete else f", incomplete {self.n_samples}/{self.n_planned}"
         return (f"<Recording {self.path.name}: {self.family} {self.model_name!r}, {self.n_samples} samples, "
                 f"{self.n_layers}x{self.n_heads} heads{state}>")
+
+
+def _open_read(path: Path) -> h5py.File:
+    """Read-only, without file locking (a dashboard reads while ``attnviz analyze`` adds results). A file
+    that a writer holds open (an extraction, or ``--resume``, in single-writer/multiple-reader mode) is
+    opened in SWMR read mode, so that it shows a consistent prefix of done samples while the writer
+    appends. Every other file is opened plainly: an SWMR reader retries every metadata read that fails its
+    checksum (it may be half-written), which on a damaged file means waiting instead of failing."""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as e:
+        if "already open for write" not in str(e):
+            raise
+    return h5py.File(path, "r", locking=False, swmr=True)
 
 
 def _str(v: Any) -> str:

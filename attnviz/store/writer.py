@@ -10,6 +10,10 @@ with the same batch boundaries, which makes the resumed file equal to an uninter
 Compression happens in a background thread (``queue`` of depth 2: bounded memory), so the model
 does not wait for HDF5.
 
+The file is written in HDF5's single-writer/multiple-reader (SWMR) mode once its layout is allocated, so
+readers (:func:`attnviz.open` opens with ``swmr=True``) may open it at any time, also while ``--resume``
+appends, and see a consistent prefix of done samples (tested with a reader process polling a writer).
+
 A full disk must never reach HDF5: once a write fails for lack of space the library can neither flush
 nor close the file, and the process dies with a segmentation fault when it exits (measured: h5py 3.16,
 HDF5 2.0, on a full tmpfs). So the writer (1) checks the free space before every batch against the
@@ -178,6 +182,10 @@ class RecordingWriter:
         self._reserve_bytes = int(min(RESERVE_MAX, max(RESERVE_MIN, RESERVE_BATCHES * self.batch_size * self._sample_bytes)))
         self._broken = False  # a write failed for space: nothing more may be written
         self._make_reserve()
+        # single-writer/multiple-reader mode: a dashboard (or `attnviz info`) reading the file while it is
+        # written, or resumed, sees a consistent prefix of done samples (readers open it with swmr=True)
+        h5.flush()
+        h5.swmr_mode = True
         self._queue: queue.Queue[SampleBatch | None] | None = None
         self._thread: threading.Thread | None = None
         if background:
@@ -393,7 +401,7 @@ class RecordingWriter:
         out = Path(out)
         part = partial_path(out)
         try:
-            f = h5py.File(part, "r+", rdcc_nbytes=0)
+            f = h5py.File(part, "r+", libver=(S.HDF5_LIBVER_LOW, "latest"), rdcc_nbytes=0)
         except OSError as e:
             raise RecordingError(f"{part}: cannot be resumed, the file is damaged ({_short(e)}); use --overwrite") from None
         try:
@@ -691,8 +699,10 @@ class RecordingWriter:
             self._f.close()
             self._drop_reserve()
             raise RecordingError(f"{self.partial}: {missing} samples were not written; run again with --resume")
-        self._f.attrs[S.ATTR_COMPLETE] = True
         self._f.close()
+        # the completion mark is an attribute: written outside SWMR mode, after every batch is on disk
+        with h5py.File(self.partial, "r+", rdcc_nbytes=0) as f:
+            f.attrs[S.ATTR_COMPLETE] = True
         self._drop_reserve()
         os.replace(self.partial, self.out)
         return self.out
