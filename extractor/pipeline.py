@@ -39,9 +39,10 @@ from extractor.device import resolve_device, resolve_dtype
 from extractor.inputs import InputSet, collect_images
 from extractor.loading import fingerprint_differences, model_fingerprint
 from extractor.targets import TARGET_NAMES, Target
+from extractor.vqa_inputs import collect_vqa
 
 # adapter.input_kind -> function enumerating and checking the inputs of that kind
-INPUT_COLLECTORS = {"image": collect_images}
+INPUT_COLLECTORS = {"image": collect_images, "image+prompt": collect_vqa}
 
 __all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "parse_image_size",
            "resolve_compression", "format_rate", "COMPRESSIONS", "TARGETS", "DEFAULT_ATTRIBUTIONS"]
@@ -254,6 +255,10 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     adapter_cls = get_adapter(arch.family)
     # the weights are checked (and identified) before anything slow: a damaged file is one line now
     fingerprint = model_fingerprint(source.path, config, arch.model_class)
+    given = {"image_size": opts.image_size is not None, "store_qk": float(opts.store_qk) > 0}
+    for option, why in adapter_cls.unsupported.items():
+        if given.get(option):
+            raise InputError(f"--{option.replace('_', '-')} does not apply to a {arch.family} model: {why}")
     if opts.attributions is None:
         methods = list(adapter_cls.default_attributions)
     elif opts.attributions == ALL_ATTRIBUTIONS:
@@ -300,6 +305,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         "store_qk": float(opts.store_qk), "family_options": dict(opts.family_options),
         "dtype": opts.dtype, "device": device.type, "batch_size": opts.batch_size,
         "compression": compression, "torch": torch.__version__,
+        "family_facts": adapter.recording_facts(),
     }
     if opts.resume:
         writer = RecordingWriter.resume(out, sample_ids=inputs.ids)
@@ -356,6 +362,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     # 5. basic per-head statistics, so the dashboard has them without `attnviz analyze`
     t1 = time.perf_counter()
     _store_head_stats(path, stats)
+    _family_analyses(adapter, path)
     stats_seconds = time.perf_counter() - t1
 
     import attnviz
@@ -587,4 +594,14 @@ def _store_head_stats(path: Path, stats: HeadStatsAccumulator | None = None) -> 
             compute_and_store(path)
     except Exception as e:  # noqa: BLE001 - reported, and `attnviz analyze` can redo it
         print(f"warning: per-head statistics failed ({type(e).__name__}: {e}); run `attnviz analyze {path}`",
+              file=sys.stderr)
+
+
+def _family_analyses(adapter: Adapter, path: Path) -> None:
+    """The family's own analyses of the finished file (:meth:`Adapter.after_recording`); as for the head
+    statistics, a failure is a warning: the recording is complete, and `attnviz analyze` can redo it."""
+    try:
+        adapter.after_recording(path)
+    except Exception as e:  # noqa: BLE001 - reported, and `attnviz analyze` can redo it
+        print(f"warning: {adapter.name} analyses failed ({type(e).__name__}: {e}); run `attnviz analyze {path}`",
               file=sys.stderr)
