@@ -29,14 +29,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image
 
 from attnviz.errors import InputError
 
-__all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "ImageInput", "InputSet", "collect_images", "read_image",
-           "read_mask", "ClassMatcher"]
+__all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "ImageInput", "InputSet", "collect_images", "check_inputs",
+           "read_image", "read_mask", "ClassMatcher"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
@@ -188,18 +188,7 @@ def collect_images(path: str | os.PathLike, *, class_names: Sequence[str] | None
     else:
         raise InputError(f"input {path} is not an image ({', '.join(IMAGE_SUFFIXES)}), a folder, "
                          f"or a manifest ({', '.join(MANIFEST_SUFFIXES)})")
-    items, skipped = _check(candidates, limit, workers)
-    for sid, why in skipped:
-        warn(f"skipped {sid}: {why}")
-    if not items:
-        raise InputError(f"none of the {len(candidates)} image(s) in {path} could be read "
-                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
-    for it in items:
-        if it.mask is not None:
-            try:
-                read_mask(it.mask)
-            except Exception as e:
-                raise InputError(f"mask {it.mask} of {it.id} cannot be read ({str(e).splitlines()[0]})") from None
+    items, skipped = check_inputs(candidates, path=path, limit=limit, warn=warn, workers=workers)
     return InputSet(tuple(items), tuple(skipped), has_masks=any(it.mask is not None for it in items),
                     class_names=tuple(str(n) for n in class_names))
 
@@ -218,6 +207,29 @@ def _found_label_names(src: Path) -> list[str]:
                 names.add(str(int(raw)) if isinstance(raw, float) and raw.is_integer() else str(raw).strip())
         return sorted(names)
     return []
+
+
+def check_inputs(candidates: Sequence[Any], *, path: str | os.PathLike, limit: int | None,
+                 warn: Callable[[str], None], workers: int, noun: str = "image(s)") -> tuple[list[Any], list[tuple[str, str]]]:
+    """Decode the candidates (anything with ``id``, ``path`` and ``mask``) until ``limit`` readable ones are
+    found, warn about each skipped one, and check that the masks of those kept can be read.
+
+    Raises:
+        InputError: none readable, or a mask that cannot be read.
+    """
+    items, skipped = _check(list(candidates), limit, workers)
+    for sid, why in skipped:
+        warn(f"skipped {sid}: {why}")
+    if not items:
+        raise InputError(f"none of the {len(candidates)} {noun} in {path} could be read "
+                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
+    for it in items:
+        if it.mask is not None:
+            try:
+                read_mask(it.mask)
+            except Exception as e:  # PIL raises many types for damaged files
+                raise InputError(f"mask {it.mask} of {it.id} cannot be read ({str(e).splitlines()[0]})") from None
+    return items, skipped
 
 
 def _check(candidates: list[ImageInput], limit: int | None,

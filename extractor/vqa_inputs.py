@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from attnviz.errors import InputError
-from extractor.inputs import MANIFEST_SUFFIXES, InputSet, _check, _manifest_rows, read_mask
+from extractor.inputs import MANIFEST_SUFFIXES, InputSet, _manifest_rows, check_inputs
 
 __all__ = ["VQAInput", "collect_vqa", "normalize_answer"]
 
@@ -134,17 +134,7 @@ def collect_vqa(path: str | os.PathLike, *, class_names: Sequence[str] | None = 
         candidates.append(VQAInput(id=sid, path=img_path, prompt=str(row["prompt"]).strip(), answer=answer,
                                    label=index[normalize_answer(answer)] if answer is not None else -1,
                                    mask=mask, line=line))
-    items, skipped = _check(candidates, limit, workers)
-    for sid, why in skipped:
-        warn(f"skipped {sid}: {why}")
-    if not items:
-        raise InputError(f"none of the {len(candidates)} question(s) in {path} has a readable image "
-                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
-    for it in items:
-        if it.mask is not None:
-            try:
-                read_mask(it.mask)
-            except Exception as e:  # PIL raises many types for damaged files
-                raise InputError(f"mask {it.mask} of {it.id} cannot be read ({str(e).splitlines()[0]})") from None
+    items, skipped = check_inputs(candidates, path=path, limit=limit, warn=warn, workers=workers,
+                                  noun="question(s)")
     return InputSet(tuple(items), tuple(skipped), has_masks=any(it.mask is not None for it in items),
                     class_names=tuple(names))

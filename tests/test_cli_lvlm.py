@@ -10,18 +10,8 @@ from pathlib import Path
 import pytest
 
 import attnviz
-from attnviz.cli import main
-from tests.helpers import save_tiny_llava, save_tiny_model, write_images, write_vqa_manifest
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.helpers import save_tiny_llava, save_tiny_model, write_images
+from tests.test_cli_extract import cli  # the in-process `attnviz` runner: (exit code, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

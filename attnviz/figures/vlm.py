@@ -9,8 +9,8 @@ from typing import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from attnviz.figures import HEAT_SCALE, make_figure
-from attnviz.figures.explorer import fig_query_overlay
+from attnviz.figures import make_figure
+from attnviz.figures.explorer import fig_head_multiples, fig_query_overlay
 
 __all__ = ["SINK_COLOUR", "fig_image_attention", "fig_token_ratios", "fig_sink_frequency", "sink_cells",
            "image_heat"]
@@ -97,38 +97,19 @@ def fig_token_ratios(tokens: Sequence[str], image_ratio: np.ndarray, *, selected
 
 def fig_sink_frequency(frequency: np.ndarray, grid: tuple[int, int], *, offset: int = 0, tau: float | None = None,
                        title: str | None = None, height: int | None = None) -> go.Figure:
-    """How often each patch's image token is a visual sink, one panel per layer (ONE heatmap trace).
+    """How often each patch's image token is a visual sink, one tile per layer (ONE heatmap trace).
 
     Args:
         frequency: float ``[layer, n_image_tokens]`` in [0, 1] (share of the questions).
         grid: (grid_h, grid_w) of the patches; ``offset`` image tokens precede them.
 
     Returns:
-        trace 0: ``go.Heatmap`` of a mosaic, layer ``l`` at tile ``l`` (columns of ``ceil(sqrt(L))``),
-        tiles separated by a NaN row/column; ``customdata`` the layer of each cell (-1 in gaps).
-        trace 1: the layer labels.
+        :func:`attnviz.figures.explorer.fig_head_multiples` of the per-layer grids: trace 0 the mosaic
+        (``customdata`` = the layer of each cell), trace 1 the "layer l" labels.
     """
     freq = np.asarray(frequency, np.float64)
-    n_layers = freq.shape[0]
     gh, gw = grid
-    cols = min(6, max(1, math.ceil(math.sqrt(n_layers))))
-    rows = math.ceil(n_layers / cols)
-    big = np.full((rows * (gh + 1) - 1, cols * (gw + 1) - 1), np.nan)
-    owner = np.full(big.shape, -1, dtype=int)
-    for layer in range(n_layers):
-        r, c = divmod(layer, cols)
-        y, x = r * (gh + 1), c * (gw + 1)
-        big[y : y + gh, x : x + gw] = freq[layer, offset : offset + gh * gw].reshape(gh, gw)
-        owner[y : y + gh, x : x + gw] = layer
-    tile_r, tile_c = np.divmod(np.arange(n_layers), cols)
-    labels = dict(type="scatter", x=tile_c * (gw + 1) + (gw - 1) / 2, y=tile_r * (gh + 1) - 0.9, mode="text",
-                  text=[f"layer {l}" for l in range(n_layers)], hoverinfo="skip", showlegend=False, cliponaxis=False)
-    hm = dict(type="heatmap", z=big, customdata=owner, colorscale=HEAT_SCALE, zmin=0.0, zmax=1.0, hoverongaps=False,
-              colorbar=dict(title=dict(text="sink share", side="right"), thickness=12),
-              hovertemplate="layer %{customdata}<br>sink in %{z:.0%} of the questions<extra></extra>")
+    maps = freq[:, offset : offset + gh * gw].reshape(len(freq), gh, gw)
     sub = None if tau is None else f"image tokens with phi > {tau:g} (Kang et al. 2025)"
-    return make_figure([hm, labels], dict(xaxis=dict(visible=False, constrain="domain"),
-                                          yaxis=dict(visible=False, autorange="reversed", scaleanchor="x",
-                                                     constrain="domain"), dragmode=False),
-                       title=title, subtitle=sub, height=height or min(600, 140 + rows * 170),
-                       margin=dict(l=10, r=10, b=10, t=80 if title else 30))
+    return fig_head_multiples(maps, cols=min(6, max(1, math.ceil(math.sqrt(len(freq))))), title=title,
+                              subtitle=sub, tile_label="layer", colorbar_title="sink share", zmax=1.0, height=height)

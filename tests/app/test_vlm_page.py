@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from dash import no_update
 
 import attnviz
 from attnviz.app import create_app
+from tests.app.test_qk_page import _click, _point  # screen position of a data point; a real mouse click
 from tests.helpers import LVLM_QUESTIONS, LVLM_TAU, make_recording
 
 
@@ -147,24 +147,6 @@ def test_the_other_pages_work_on_an_lvlm_recording(lvlm: Path) -> None:
     assert "question" in str(overview.card(sel)[0]) or overview.card(sel)[0] is not None
 
 
-def _cell(dash_duo: Any, graph_id: str, layer: int, head: int) -> list[float]:
-    return dash_duo.driver.execute_script(f"""
-        const gd = document.querySelector('#{graph_id} .js-plotly-plot');
-        gd.scrollIntoView({{block: 'center'}});
-        const r = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
-        return [r.left + xa._offset + xa.l2p(arguments[0]), r.top + ya._offset + ya.l2p(arguments[1])];""", head, layer)
-
-
-def _click(dash_duo: Any, xy: list[float]) -> None:
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
-
-    time.sleep(0.3)
-    ab = ActionBuilder(dash_duo.driver)
-    ab.pointer_action.move_to_location(int(round(xy[0])), int(round(xy[1])))
-    ab.pointer_action.click()
-    ab.perform()
-
-
 def _heat(dash_duo: Any) -> list[list[float]]:
     return dash_duo.driver.execute_script(
         "return document.querySelector('#vlm-image .js-plotly-plot')._fullData[1].z;")
@@ -194,7 +176,7 @@ def test_vlm_page_in_a_browser(dash_duo, lvlm: Path) -> None:
     dash_duo.wait_for_contains_text("#vlm-image", f"answer token '{meta['generated_tokens'][1]}'", timeout=20)
     np.testing.assert_allclose(_heat(dash_duo), want[(0, 0, 1)], rtol=1e-5)
     # click the VHD heatmap's cell of layer 1, head 2: that head everywhere
-    _click(dash_duo, _cell(dash_duo, "vlm-vhd", 1, 2))
+    _click(dash_duo, _point(dash_duo, "vlm-vhd", 2, 1))  # x = head, y = layer
     dash_duo.wait_for_contains_text("#vlm-status", "L1 H2", timeout=20)
     dash_duo.wait_for_contains_text("#vlm-image", "L1 H2", timeout=20)
     np.testing.assert_allclose(_heat(dash_duo), want[(1, 2, 1)], rtol=1e-5)

@@ -109,6 +109,15 @@ def summary(rec: Recording) -> dict[str, Any] | None:
     return memo(rec, ("vlm_summary",), lambda: load_summary(rec))
 
 
+def _question(data: Any, token: Any) -> tuple[Selection, Recording | None, Any, list[str], int, str | None]:
+    """(selection, recording, the measured question, its answer tokens, the chosen token, problem)."""
+    sel, rec, problem = _resolve(data)
+    if problem:
+        return sel, None, None, [], 0, problem
+    v = view(rec, sel.sample)
+    return sel, rec, v, _tokens(rec.meta(sel.sample))[: v.n_steps], _token(token, v.n_steps), None
+
+
 def _token(value: Any, n: int) -> int:
     try:
         j = int(value)
@@ -210,12 +219,9 @@ def answers(data: Any):
 @callback(Output(IMAGE, "figure"), Input(ids.SELECTION, "data"), Input(TOKENS, "value"))
 def image(data: Any, token: Any):
     """The selected head's attention from the chosen answer token's generation step over the image."""
-    sel, rec, problem = _resolve(data)
+    sel, rec, v, toks, j, problem = _question(data, token)
     if problem:
         return fig_message(problem, height=430)
-    v = view(rec, sel.sample)
-    toks = _tokens(rec.meta(sel.sample))
-    j = _token(token, v.n_steps)
     grid, patch_size, offset = image_grid(rec)
     heat = image_heat(v.rows[sel.layer, sel.head, j], v.image_span, grid, offset)
     sinks = sink_cells(v.sinks[sel.layer], grid, offset) if v.sinks is not None else []
@@ -231,7 +237,7 @@ def image(data: Any, token: Any):
           Input(MODE, "value"))
 def heatmaps(data: Any, token: Any, mode: Any):
     """Layers x heads: image attention ratio and VHD, of the chosen token or the means over the recording."""
-    sel, rec, problem = _resolve(data)
+    sel, rec, v, _, j, problem = _question(data, token)
     if problem:
         return fig_message(problem, height=260), fig_message(problem, height=260)
     selected = (sel.layer, sel.head)
@@ -241,8 +247,6 @@ def heatmaps(data: Any, token: Any, mode: Any):
         vhd = rec.head_metric("vhd") if "vhd" in have else None
         what = "mean over every question"
     else:
-        v = view(rec, sel.sample)
-        j = _token(token, v.n_steps)
         ratio = v.image_ratio[:, :, j]
         vhd = v.vhd[:, :, j] if v.vhd is not None else None
         what = f"answer token {j}"
@@ -272,12 +276,10 @@ def pick_head(ratio_click: Any, vhd_click: Any):
 @callback(Output(BARS, "figure"), Input(ids.SELECTION, "data"), Input(TOKENS, "value"))
 def bars(data: Any, token: Any):
     """The selected head's image attention ratio and VHD at every answer token."""
-    sel, rec, problem = _resolve(data)
+    sel, rec, v, toks, j, problem = _question(data, token)
     if problem:
         return fig_message(problem, height=260)
-    v = view(rec, sel.sample)
-    toks = _tokens(rec.meta(sel.sample))[: v.n_steps]
-    return fig_token_ratios(toks, v.image_ratio[sel.layer, sel.head], selected=_token(token, v.n_steps),
+    return fig_token_ratios(toks, v.image_ratio[sel.layer, sel.head], selected=j,
                             vhd=v.vhd[sel.layer, sel.head] if v.vhd is not None else None,
                             title=f"L{sel.layer} H{sel.head} at each answer token")
 
