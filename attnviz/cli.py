@@ -102,8 +102,13 @@ def extract(
         max_new_tokens=max_new_tokens, answer_rows_only=answer_rows_only or None, vhd=vhd, vhd_top_k=vhd_top_k,
         sinks=sinks, sink_tau=sink_tau, sink_calibration=sink_calibration, reinforce=reinforce).items()
         if v is not None}
-    if importance:
-        _refuse_for_family(model, "importance")
+    if importance:  # refused before a long extraction, not after it
+        from extractor.adapters import detect, get_adapter, load_config, resolve_model
+
+        arch = detect(load_config(resolve_model(model)))
+        if get_adapter(arch.family).input_kind != "image":
+            raise InputError(f"--importance (head importance by pruning) is measured for image models; a {arch.family} "
+                             "model's heads are measured by `attnviz analyze` (see the family's docs)")
     opts = ExtractOptions(model=model, input=str(input_path), out=str(out), family=family, device=device, dtype=dtype,
                           batch_size=batch_size, limit=limit, attributions=parse_attributions(attributions),
                           target=target, image_size=parse_image_size(image_size), store_qk=store_qk,
@@ -117,8 +122,8 @@ def extract(
         imp = run_importance(result.adapter, str(input_path), result.path, ImportanceOptions(progress=progress),
                              batch_size=batch_size, limit=limit, force=True)
     acc = "" if result.accuracy is None else f", accuracy {result.accuracy:.1%}"
-    noun = "questions" if result.adapter is not None and result.adapter.input_kind == "image+prompt" else "images"
-    typer.echo(f"wrote {result.path}: {result.n_samples} {noun}{acc}; {result.n_recorded} recorded in "
+    noun = result.adapter.input_noun if result.adapter is not None else "image"
+    typer.echo(f"wrote {result.path}: {result.n_samples} {noun}s{acc}; {result.n_recorded} recorded in "
                f"{result.seconds:.1f} s ({result.rate})"
                + (f"; {len(result.skipped)} input(s) skipped" if result.skipped else ""))
     if imp is not None:
@@ -150,7 +155,6 @@ def importance(
     from extractor.importance import ImportanceOptions, run_importance
 
     opts = ImportanceOptions(ablation=ablation, random_seeds=seeds, max_rows=max_rows, progress=progress)
-    _refuse_for_family(model, "importance")
     if not into.exists():
         raise InputError(f"{into}: no such recording; make it first with `attnviz extract`")
     adapter = load_model(model, family=family, device=device, dtype=dtype)
@@ -159,16 +163,6 @@ def importance(
         typer.echo(f"{into}: head importance is up to date (same parameters; --force recomputes)")
         return
     _echo_importance(into, result)
-
-
-def _refuse_for_family(model: str, option: str) -> None:
-    """One ``error:`` line before any work when the model's family does not take ``--option``."""
-    from extractor.adapters import detect, get_adapter, load_config, resolve_model
-
-    arch = detect(load_config(resolve_model(model)))
-    why = get_adapter(arch.family).unsupported.get(option)
-    if why:
-        raise InputError(f"--{option} does not apply to a {arch.family} model: {why}")
 
 
 def _echo_importance(path: Path, result) -> None:  # result: extractor.importance.ImportanceResult

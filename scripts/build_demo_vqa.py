@@ -92,7 +92,7 @@ def main() -> None:
             by_kind[q.kind].append(bool(m["correct"]))
             if m.get("reinforced"):
                 reinforced[q.kind].append(bool(m["reinforced"]["correct"]))
-        facts = rec.extraction_params["family_facts"]
+        facts = rec.extraction_params["family"]
     size = args.out.stat().st_size
     total = sum(p.stat().st_size for p in (ROOT / "sample_data").rglob("*") if p.is_file())
     report = {

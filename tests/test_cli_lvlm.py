@@ -82,7 +82,7 @@ BAD = [
     ("llava", "ok", ["--image-size", "64"], "--image-size does not apply to a lvlm model"),
     ("llava", "ok", ["--store-qk", "0.5"], "--store-qk does not apply to a lvlm model"),
     ("llava", "ok", ["--attributions", "saliency"], "do not apply to image+prompt inputs"),
-    ("llava", "ok", ["--importance"], "--importance does not apply to a lvlm model"),
+    ("llava", "ok", ["--importance"], "--importance (head importance by pruning) is measured for image models; a lvlm"),
     ("llava", "ok", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     ("llava", "ok", ["--reinforce", "2", "--no-vhd"], "--reinforce chooses heads by their VHD"),
     ("vit", "imgs", ["--max-new-tokens", "4"], "max_new_tokens do not apply to a vit model"),

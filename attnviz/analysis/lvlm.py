@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from attnviz.store.reader import Recording
-from attnviz.store.schema import HeadMetricInfo
+from attnviz.store.schema import ANSWER_STEPS, HeadMetricInfo
 
 __all__ = [
     "ANSWER_STEPS",
@@ -67,8 +67,6 @@ __all__ = [
     "image_grid",
 ]
 
-#: the layout query axis of a recording made with --answer-rows-only
-ANSWER_STEPS = "answer_steps"
 DEFAULT_RHO = 0.5
 #: image attention ratio an image-centric head needs at least (Kang et al. 2025)
 MIN_IMAGE_RATIO = 0.2
@@ -180,7 +178,7 @@ def image_centric_heads(image_ratio: np.ndarray, non_sink: np.ndarray, *, rho: f
 
 def sink_tau(rec: Recording) -> float | None:
     """The tau the recording's sinks were found with (None: recorded without sinks)."""
-    facts = rec.extraction_params.get("family_facts") or {}
+    facts = rec.extraction_params.get("family") or {}
     if "sink_phi" not in rec.per_sample_arrays():
         return None
     return float(facts.get("sink_tau", 20.0))
@@ -190,7 +188,7 @@ def image_grid(rec: Recording) -> tuple[tuple[int, int], tuple[int, int], int]:
     """How the image tokens map onto the vision tower's patch grid: (grid, patch_size, offset): image token
     ``offset + r * grid_w + c`` is patch (r, c) (offset 1 when the projector keeps CLS, "full" strategy)."""
     lay = rec.layout("vision")
-    facts = rec.extraction_params.get("family_facts") or {}
+    facts = rec.extraction_params.get("family") or {}
     return tuple(lay.grid), tuple(lay.patch_size), int(facts.get("image_grid_offset", 0))  # type: ignore[return-value]
 
 

@@ -109,6 +109,12 @@ ATTR_AXES = "axes"
 G_ANALYSES = "analyses"
 D_SKIPPED = "inputs/skipped"
 
+# What the axes of a stack's maps index (TokenLayout.query_axis / key_axis). "answer_steps": row j is the
+# position that generates answer token j (an lvlm recording made with --answer-rows-only).
+KEY_AXES = ("tokens", "frames")
+ANSWER_STEPS = "answer_steps"
+QUERY_AXES = KEY_AXES + (ANSWER_STEPS,)
+
 # Attributes of attention/<kind> groups.
 ATTR_STACK_N_LAYERS = "n_layers"
 ATTR_STACK_N_HEADS = "n_heads"

@@ -374,9 +374,10 @@ class Adapter(ABC):
     writes_meta: ClassVar[bool] = False
     #: (height, width) of the stored thumbnails, or None for inputs without one (audio)
     thumbnail_size: tuple[int, int] | None = None
-    #: generic ``attnviz extract`` options this family does not take ("image_size", "store_qk",
-    #: "importance") -> why; refused before any weights are loaded
-    unsupported: ClassVar[dict[str, str]] = {}
+    #: what one input is called in messages and progress bars ("image", "clip")
+    input_noun: ClassVar[str] = "image"
+    #: the family can store per-head query/key vectors (``--store-qk``: self-attention over one sequence)
+    supports_qk: ClassVar[bool] = True
 
     def __init__(self, *, model: Any, config: Any, arch: ArchitectureSpec, source: ModelSource,
                  device: torch.device, autocast_dtype: torch.dtype | None) -> None:
@@ -493,9 +494,9 @@ class Adapter(ABC):
         """The family's per-sample arrays besides the maps (``per_sample/<name>``); none by default."""
         return []
 
-    def recording_facts(self) -> dict[str, Any]:
-        """What the family found out while planning (e.g. the massive-activation dimensions of an lvlm),
-        stored under ``extraction_params["family_facts"]``; none by default."""
+    def extra_params(self) -> dict[str, Any]:
+        """Facts of this family's recording stored in the extraction parameters under ``"family"``
+        (JSON-able: frame durations, the model's own alignment heads, ...); none by default."""
         return {}
 
     def after_recording(self, path: Any) -> list[str]:

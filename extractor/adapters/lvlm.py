@@ -55,13 +55,13 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from attnviz.errors import InputError, ModelError
-from attnviz.store.schema import PerSampleSpec, StackSpec, TokenLayout
+from attnviz.store.schema import ANSWER_STEPS, PerSampleSpec, StackSpec, TokenLayout
 from extractor.adapters.base import (
     ARCHITECTURES,
     Adapter,
@@ -80,7 +80,8 @@ __all__ = ["LvlmAdapter", "LvlmOptions", "SINK_MAX_SHARE", "massive_dimensions",
 
 #: a dimension is massive when more than 0 and at most this share of a layer's tokens exceed tau in it
 SINK_MAX_SHARE = 0.1
-QUERY_AXIS_ANSWER_STEPS = "answer_steps"
+_NO_IMPORTANCE = ("pruning-based head importance needs a classifier or an image backbone; a vision-language model's "
+                  "output is generated text (its VHD and image attention are on the Vision-language page)")
 
 
 # -- the measurements, as functions of tensors (the tests check them against hand computations) --------
@@ -248,14 +249,8 @@ class LvlmAdapter(Adapter):
     input_kind = "image+prompt"
     default_attributions = ()
     writes_meta = True
-    unsupported: ClassVar[dict[str, str]] = {
-        "image_size": "a LLaVA model reads images at its own processor's size (leave out --image-size)",
-        "store_qk": "the joint query-key view is for image stacks recorded whole (leave out --store-qk)",
-        "importance": "pruning-based head importance needs a classifier or an image backbone; a vision-language "
-                      "model's output is generated text (its VHD and image attention are on the "
-                      "Vision-language page)",
-    }
-
+    input_noun = "question"
+    supports_qk = False  # query/key vectors are for image stacks recorded whole
     def __init__(self, *, processor: Any, vision: Any, options: LvlmOptions, **kw: Any) -> None:
         super().__init__(**kw)
         from extractor.hooks import find_output_projections
@@ -292,31 +287,21 @@ class LvlmAdapter(Adapter):
                 count disagrees with the vision tower.
         """
         import transformers
-        from transformers.utils import logging as hf_logging
 
         from extractor.adapters.vit import VitAdapter, _fixed_input_size
+        from extractor.loading import guarded, load_pretrained
 
         if "image_size" in options:
-            raise InputError(f"--image-size does not apply: {cls.unsupported['image_size']}")
+            raise InputError("--image-size does not apply to a lvlm model: a LLaVA model reads images at its own "
+                             "processor's size (leave out --image-size)")
         opts = LvlmOptions.parse(options)
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            model = getattr(transformers, arch.model_class).from_pretrained(
-                source.path, attn_implementation="eager", local_files_only=True, use_safetensors=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ModelError(f"{source.ref}: cannot load {arch.model_class} weights ({_first_line(e)}); "
-                             "attnviz loads model.safetensors made by save_pretrained") from None
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
+        model = load_pretrained(getattr(transformers, arch.model_class), source.path, source.ref,
+                                attn_implementation="eager")
         model.set_attn_implementation("eager")  # both sub-configs: attention weights come back only so
         model.eval().to(device)
-        try:
+        with guarded("the processor (image processor + tokenizer) saved with the model", source.ref,
+                     "; save it with processor.save_pretrained(dir)"):
             processor = transformers.AutoProcessor.from_pretrained(source.path, local_files_only=True, backend="pil")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"{source.ref}: cannot load the processor (image processor + tokenizer) saved with the "
-                             f"model ({_first_line(e)}); save it with processor.save_pretrained(dir)") from None
         if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
             raise ModelError(f"{source.ref}: the saved processor has no tokenizer or no image processor")
         token_id = getattr(processor, "image_token_id", None)
@@ -363,7 +348,7 @@ class LvlmAdapter(Adapter):
         plan = self._require_plan()
         n_tokens = plan.max_prompt + self.options.max_new_tokens
         rows = self.options.max_new_tokens if self.options.answer_rows_only else n_tokens
-        lm = TokenLayout(query_axis=QUERY_AXIS_ANSWER_STEPS if self.options.answer_rows_only else "tokens",
+        lm = TokenLayout(query_axis=ANSWER_STEPS if self.options.answer_rows_only else "tokens",
                          key_axis="tokens", image_span=plan.image_span)
         vis = self.vision.stack("self")
         return [StackSpec("self", self.n_layers, self.n_heads, rows, n_tokens, lm),
@@ -394,7 +379,7 @@ class LvlmAdapter(Adapter):
                                      "state entering layer l (Kang et al. 2025); sinks: image tokens with phi > tau"))
         return out
 
-    def recording_facts(self) -> dict[str, Any]:
+    def extra_params(self) -> dict[str, Any]:
         plan = self._require_plan()
         o = self.options
         return {"image_token_id": self.image_token_id, "n_image_tokens": self.n_image_tokens,
@@ -720,10 +705,10 @@ class LvlmAdapter(Adapter):
     # -- what this family does not do ----------------------------------------------------------
 
     def logits_fn(self) -> Callable[[Any], Any]:
-        raise ModelError(f"{self.model_class}: {self.unsupported['importance']}")
+        raise ModelError(f"{self.model_class}: {_NO_IMPORTANCE}")
 
     def embedding_fn(self) -> Callable[[Any], Any]:
-        raise ModelError(f"{self.model_class}: {self.unsupported['importance']}")
+        raise ModelError(f"{self.model_class}: {_NO_IMPORTANCE}")
 
     def after_recording(self, path: Any) -> list[str]:
         """The family's head metrics into the finished file (:func:`attnviz.analysis.lvlm.analyze_step`)."""

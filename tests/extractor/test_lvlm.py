@@ -165,7 +165,7 @@ def test_sinks_end_to_end_with_a_planted_activation(run) -> None:
     tau = 4.0  # hidden size 32: phi <= sqrt(32) = 5.7
     adapter.options = type(adapter.options)(**{**adapter.options.__dict__, "sink_tau": tau, "reinforce": None})
     adapter.plan(items)
-    clean_dims = adapter.recording_facts()["sink_dims"]
+    clean_dims = adapter.extra_params()["sink_dims"]
     layer0 = adapter.model.model.language_model.layers[0]
 
     def plant(module, args, output):
@@ -177,7 +177,7 @@ def test_sinks_end_to_end_with_a_planted_activation(run) -> None:
     handle = layer0.register_forward_hook(plant)
     try:
         adapter.plan(items)
-        facts = adapter.recording_facts()
+        facts = adapter.extra_params()
         with torch.no_grad():
             out = adapter.run(adapter.prepare(items[:2]))
     finally:
@@ -190,7 +190,7 @@ def test_sinks_end_to_end_with_a_planted_activation(run) -> None:
     adapter.plan(items)
     with torch.no_grad():
         clean = adapter.run(adapter.prepare(items[:2]))
-    assert clean_dims == adapter.recording_facts()["sink_dims"]
+    assert clean_dims == adapter.extra_params()["sink_dims"]
     assert not (clean.per_sample["sink_phi"][:, :, 2:18] > tau).any()
 
 
@@ -198,7 +198,7 @@ def test_stored_phi_is_phi_of_the_models_hidden_states(run) -> None:
     model = _model(run["model"])
     data = run["manifest"].parent
     with attnviz.open(run["full"]) as rec:
-        dims = rec.extraction_params["family_facts"]["sink_dims"]
+        dims = rec.extraction_params["family"]["sink_dims"]
         s = 0
         meta = rec.meta(s)
         stored = rec.per_sample("sink_phi", s)

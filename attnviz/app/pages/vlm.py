@@ -139,7 +139,7 @@ def status(data: Any):
     if problem:
         return message(problem, "warning" if rec is None and "recording;" in problem else "error")
     s = summary(rec)
-    facts = rec.extraction_params.get("family_facts") or {}
+    facts = rec.extraction_params.get("family") or {}
     parts = [f"{rec.n_samples} questions"]
     if s is not None and s["summary"].get("accuracy") is not None:
         parts.append(f"answer accuracy {s['summary']['accuracy']:.1%}")
