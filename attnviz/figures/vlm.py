@@ -13,9 +13,14 @@ from attnviz.figures import make_figure
 from attnviz.figures.explorer import fig_head_multiples, fig_query_overlay
 
 __all__ = ["SINK_COLOUR", "fig_image_attention", "fig_token_ratios", "fig_sink_frequency", "sink_cells",
-           "image_heat"]
+           "image_heat", "plain_text"]
 
 SINK_COLOUR = "#ff2d55"
+
+
+def plain_text(token: str) -> str:
+    """A token as plotly text shows it literally: plotly reads text as HTML, so ``</s>`` would vanish."""
+    return str(token).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def image_heat(row: np.ndarray, span: tuple[int, int], grid: tuple[int, int], offset: int = 0) -> np.ndarray:
@@ -80,6 +85,7 @@ def fig_token_ratios(tokens: Sequence[str], image_ratio: np.ndarray, *, selected
         trace 0 the bars (x = token index, customdata = the token), trace 1 the VHD line (if given).
     """
     n = len(tokens)
+    tokens = [plain_text(t) for t in tokens]
     colours = ["#e4572e" if i == selected else "#4e79a7" for i in range(n)]
     data = [dict(type="bar", x=list(range(n)), y=np.asarray(image_ratio, np.float64), marker=dict(color=colours),
                  customdata=list(tokens), name="image attention ratio",
@@ -111,5 +117,6 @@ def fig_sink_frequency(frequency: np.ndarray, grid: tuple[int, int], *, offset: 
     gh, gw = grid
     maps = freq[:, offset : offset + gh * gw].reshape(len(freq), gh, gw)
     sub = None if tau is None else f"image tokens with phi > {tau:g} (Kang et al. 2025)"
-    return fig_head_multiples(maps, cols=min(6, max(1, math.ceil(math.sqrt(len(freq))))), title=title,
+    return fig_head_multiples(maps, cols=min(6, max(1, math.ceil(math.sqrt(len(freq))))),
+                              title=title or "Visual sink tokens per layer",
                               subtitle=sub, tile_label="layer", colorbar_title="sink share", zmax=1.0, height=height)

@@ -7,7 +7,14 @@ import numpy as np
 from attnviz.analysis.lvlm import image_grid, load_summary, sample_view
 from attnviz.app.exports import ViewResult, register_view
 from attnviz.figures.heads import fig_head_grid
-from attnviz.figures.vlm import fig_image_attention, fig_sink_frequency, fig_token_ratios, image_heat, sink_cells
+from attnviz.figures.vlm import (
+    fig_image_attention,
+    fig_sink_frequency,
+    fig_token_ratios,
+    image_heat,
+    plain_text,
+    sink_cells,
+)
 from attnviz.store.reader import Recording
 
 
@@ -28,8 +35,8 @@ def _sinks(rec: Recording, sample: int | None) -> ViewResult:
     if rec.family != "lvlm":
         return None
     s = load_summary(rec)
-    if s is None or "sink_frequency" not in s:
-        return None
+    if s is None or "sink_frequency" not in s or not np.any(s["sink_frequency"]):
+        return None  # no sinks recorded, or none found
     grid, _, offset = image_grid(rec)
     return fig_sink_frequency(s["sink_frequency"], grid, offset=offset, tau=s["params"].get("tau"),
                               title="Visual sink tokens per layer")
@@ -53,7 +60,8 @@ def _answer(rec: Recording, sample: int | None) -> ViewResult:
         heat = image_heat(v.rows[layer, head, j], v.image_span, grid, offset)
         out.append((f"token{j}", fig_image_attention(
             rec.thumbnail(sample), heat, patch_size=patch_size, sinks=sinks,
-            title=f"'{meta.get('prompt', '')}' → '{meta.get('generated', '')}': L{layer} H{head}, token '{tok}'",
+            title=f"'{plain_text(meta.get('prompt', ''))}' → '{plain_text(meta.get('generated', ''))}': L{layer} H{head}, "
+                  f"token '{plain_text(tok)}'",
             subtitle=f"{v.image_ratio[layer, head, j]:.0%} of its attention on the image")))
     out.append(("tokens", fig_token_ratios(toks, v.image_ratio[layer, head], vhd=None if v.vhd is None
                                            else v.vhd[layer, head], title=f"L{layer} H{head} at each answer token")))

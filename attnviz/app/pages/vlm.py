@@ -23,7 +23,14 @@ from attnviz.app.data import lru, memo
 from attnviz.app.selection import Selection, patch, resolve
 from attnviz.figures import fig_message
 from attnviz.figures.heads import fig_head_grid
-from attnviz.figures.vlm import fig_image_attention, fig_sink_frequency, fig_token_ratios, image_heat, sink_cells
+from attnviz.figures.vlm import (
+    fig_image_attention,
+    fig_sink_frequency,
+    fig_token_ratios,
+    image_heat,
+    plain_text,
+    sink_cells,
+)
 from attnviz.store.reader import Recording
 
 dash.register_page(__name__, path="/vlm", name="Vision-language", order=6, title="attnviz - vision-language")
@@ -230,7 +237,7 @@ def image(data: Any, token: Any):
     if v.sinks is not None:
         sub += f"; {len(sinks)} sink token(s) in layer {sel.layer}"
     return fig_image_attention(rec.thumbnail(sel.sample), heat, patch_size=patch_size, sinks=sinks,
-                               title=f"L{sel.layer} H{sel.head}: answer token '{tok}' → image", subtitle=sub)
+                               title=f"L{sel.layer} H{sel.head}: answer token '{plain_text(tok)}' → image", subtitle=sub)
 
 
 @callback(Output(RATIO, "figure"), Output(VHD, "figure"), Input(ids.SELECTION, "data"), Input(TOKENS, "value"),
@@ -322,5 +329,12 @@ def sinks(data: Any):
                            height=240)
     grid, _, offset = image_grid(rec)
     per = s.get("sinks_per_image")
+    if per is not None and not np.any(per):
+        facts = rec.extraction_params.get("family") or {}
+        dims = facts.get("sink_dims")
+        why = ("no massive-activation dimension was found" if not dims else
+               f"no image token exceeds it in the massive dimensions {dims}")
+        return fig_message(f"No visual sink token in any layer at tau {s['params'].get('tau'):g}: {why} "
+                           f"({s['summary'].get('n_samples', '?')} questions).", height=160)
     title = "Visual sink tokens per layer" + (f" (at most {float(np.max(per)):.2f} per image)" if per is not None else "")
     return fig_sink_frequency(s["sink_frequency"], grid, offset=offset, tau=s["params"].get("tau"), title=title)
