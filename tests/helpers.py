@@ -288,6 +288,7 @@ def save_tiny_llava(path: str | Path, *, image_size: int = 32, patch: int = 8, v
     model.save_pretrained(path)
     processor = build_processor(build_tokenizer(list(TINY_LLAVA_WORDS)), image_size=image_size, patch=patch)
     processor.num_additional_image_tokens = num_additional_image_tokens
+    processor.tokenizer.model_max_length = max_positions
     if not chat_template:
         processor.chat_template = None
     processor.save_pretrained(path)
