@@ -251,6 +251,7 @@ class LvlmAdapter(Adapter):
     writes_meta = True
     input_noun = "question"
     supports_qk = False  # query/key vectors are for image stacks recorded whole
+
     def __init__(self, *, processor: Any, vision: Any, options: LvlmOptions, **kw: Any) -> None:
         super().__init__(**kw)
         from extractor.hooks import find_output_projections
