@@ -35,7 +35,7 @@ from PIL import Image
 
 from attnviz.errors import InputError
 
-__all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "ImageInput", "InputSet", "collect_images", "check_inputs",
+__all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "ImageInput", "InputSet", "collect_images", "check_inputs", "manifest_file",
            "read_image", "read_mask", "ClassMatcher"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -285,12 +285,8 @@ def _manifest(path: Path, matcher: ClassMatcher) -> list[ImageInput]:
     out: list[ImageInput] = []
     for line, row in rows:
         where = f"manifest {path.name} line {line}"
-        image = row.get("image")
-        if not isinstance(image, str) or not image.strip():
-            raise InputError(f"{where}: no 'image' path")
-        img_path = base / image
-        if not img_path.is_file():
-            raise InputError(f"{where}: image {image} not found (paths are relative to the manifest)")
+        img_path = manifest_file(row, "image", base, where)
+        image = row["image"]
         label = -1
         raw = row.get("label")
         if raw is not None and raw != "":
@@ -298,14 +294,28 @@ def _manifest(path: Path, matcher: ClassMatcher) -> list[ImageInput]:
             if hit is None:
                 raise InputError(f"{where}: label {raw!r} is not a class of the model ({matcher.describe()})")
             label = hit
-        mask = None
-        raw_mask = row.get("mask")
-        if raw_mask:
-            mask = base / str(raw_mask)
-            if not mask.is_file():
-                raise InputError(f"{where}: mask {raw_mask} not found (paths are relative to the manifest)")
-        out.append(ImageInput(image, img_path, label, mask))
+        out.append(ImageInput(image, img_path, label, manifest_file(row, "mask", base, where, required=False)))
     return out
+
+
+def manifest_file(row: dict, key: str, base: Path, where: str, *, required: bool = True) -> Path | None:
+    """The file a manifest row names under ``key`` (relative to the manifest's folder ``base``); None when an
+    optional one is not given.
+
+    Raises:
+        InputError: naming the line (``where``): a required path missing, or a file that does not exist.
+    """
+    value = row.get(key)
+    if not value or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise InputError(f"{where}: no {key!r} path")
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{where}: {key!r} must be a path, got {value!r}")
+    path = base / value
+    if not path.is_file():
+        raise InputError(f"{where}: {key} {value} not found (paths are relative to the manifest)")
+    return path
 
 
 def _manifest_rows(path: Path) -> Iterable[tuple[int, dict]]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from attnviz.errors import InputError
-from extractor.inputs import MANIFEST_SUFFIXES, InputSet, _manifest_rows, check_inputs
+from extractor.inputs import MANIFEST_SUFFIXES, InputSet, _manifest_rows, check_inputs, manifest_file
 
 __all__ = ["VQAInput", "collect_vqa", "normalize_answer"]
 
@@ -100,12 +100,7 @@ def collect_vqa(path: str | os.PathLike, *, class_names: Sequence[str] | None = 
     answers: set[str] = set()
     for line, row in rows:
         where = f"manifest {src.name} line {line}"
-        image = row.get("image")
-        if not isinstance(image, str) or not image.strip():
-            raise InputError(f"{where}: no 'image' path")
-        img_path = base / image
-        if not img_path.is_file():
-            raise InputError(f"{where}: image {image} not found (paths are relative to the manifest)")
+        img_path = manifest_file(row, "image", base, where)
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"{where}: no 'prompt' (the question to ask about the image)")
@@ -114,12 +109,7 @@ def collect_vqa(path: str | os.PathLike, *, class_names: Sequence[str] | None = 
             raise InputError(f"{where}: 'answer' must be text, got {answer!r}")
         if answer is not None and str(answer).strip():
             answers.add(normalize_answer(str(answer)))
-        mask = None
-        if row.get("mask"):
-            mask = base / str(row["mask"])
-            if not mask.is_file():
-                raise InputError(f"{where}: mask {row['mask']} not found (paths are relative to the manifest)")
-        parsed.append((line, row, img_path, mask))
+        parsed.append((line, row, img_path, manifest_file(row, "mask", base, where, required=False)))
     names = sorted(answers)
     index = {a: i for i, a in enumerate(names)}
     candidates: list[VQAInput] = []

@@ -257,3 +257,15 @@ def test_hooks_are_removed(run) -> None:
     from extractor.hooks import attnviz_hooks
 
     assert attnviz_hooks(run["adapter"].model) == []
+
+
+def test_the_table_row_finds_one_module_per_layer_in_both_stacks(run) -> None:
+    adapter = run["adapter"]
+    assert adapter.arch.model_class == "LlavaForConditionalGeneration" and adapter.arch.family == "lvlm"
+    for kind in ("self", "vision"):
+        for what in ("attention", "query", "key", "value", "output_projection"):
+            assert [layer for layer, _, _ in adapter.modules(what, kind)] == [0, 1], (kind, what)
+    assert adapter.modules("output_projection", "self")[0][1] == "model.language_model.layers.0.self_attn.o_proj"
+    assert adapter.modules("output_projection", "vision")[1][1] == "model.vision_tower.encoder.layers.1.self_attn.out_proj"
+    assert adapter.model.config.text_config._attn_implementation == "eager"
+    assert adapter.model.config.vision_config._attn_implementation == "eager"
