@@ -41,9 +41,10 @@ def extract(
     model: str = typer.Option(..., "--model", help="A model folder made by save_pretrained, or a hub id already "
                               "in the local Hugging Face cache (attnviz never downloads)."),
     input_path: Path = typer.Option(..., "--input", help="An image, a folder of images (recursive; class-named "
-                               "subfolders give labels), or a .jsonl/.csv manifest (image, label, mask)."),
+                               "subfolders give labels), or a .jsonl/.csv manifest (image, label, mask); for a "
+                               "vision-language model a manifest of questions (image, prompt, answer, mask)."),
     out: Path = typer.Option(..., "--out", help="The recording to write (.h5)."),
-    family: Optional[str] = typer.Option(None, "--family", help="Expected model family (vit); default: "
+    family: Optional[str] = typer.Option(None, "--family", help="Expected model family (vit, lvlm); default: "
                                          "detected from the model's config."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="Forward precision on the GPU: float32, float16 or "
@@ -73,14 +74,45 @@ def extract(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     importance: bool = typer.Option(False, "--importance", help="Then measure pruning-based head importance on "
                                     "the same inputs (as `attnviz importance`, zero ablation)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Vision-language models: answer "
+                                                 "tokens generated at most (default 16)."),
+    answer_rows_only: bool = typer.Option(False, "--answer-rows-only", help="Vision-language models: record only "
+                                          "the language model's attention rows of the answer's generation steps, "
+                                          "not every prompt position (a fraction of the bytes)."),
+    vhd: Optional[bool] = typer.Option(None, "--vhd/--no-vhd", help="Vision-language models: measure every head's "
+                                       "vision-aware head divergence with a second, image-free forward (default on)."),
+    vhd_top_k: Optional[int] = typer.Option(None, "--vhd-top-k", help="Vision-language models: k of T-VHD, the sum "
+                                            "over layers of each layer's k largest VHDs (default 2)."),
+    sinks: Optional[bool] = typer.Option(None, "--sinks/--no-sinks", help="Vision-language models: record the "
+                                         "visual-sink statistic phi of every token and layer (default on)."),
+    sink_tau: Optional[float] = typer.Option(None, "--sink-tau", help="Vision-language models: tau of the visual "
+                                             "sink tokens and massive dimensions, |x_d / rms(x)| > tau (default 20)."),
+    sink_calibration: Optional[int] = typer.Option(None, "--sink-calibration", help="Vision-language models: "
+                                                   "questions whose hidden states decide the massive dimensions "
+                                                   "(default the first 64; 0 = all)."),
+    reinforce: Optional[float] = typer.Option(None, "--reinforce", help="Vision-language models: also answer "
+                                              "with the heads whose VHD is above their layer's median scaled by "
+                                              "ALPHA (VHR), storing both answers."),
 ) -> None:
     """Record every head's attention map (plus logits, thumbnails, attributions) into one HDF5 file."""
     from extractor.pipeline import ExtractOptions, extract as run_extract, parse_attributions, parse_image_size
 
+    # the family's own options, only those given (a family refuses options it does not take)
+    family_options = {k: v for k, v in dict(
+        max_new_tokens=max_new_tokens, answer_rows_only=answer_rows_only or None, vhd=vhd, vhd_top_k=vhd_top_k,
+        sinks=sinks, sink_tau=sink_tau, sink_calibration=sink_calibration, reinforce=reinforce).items()
+        if v is not None}
+    if importance:  # refused before a long extraction, not after it
+        from extractor.adapters import detect, get_adapter, load_config, resolve_model
+
+        arch = detect(load_config(resolve_model(model)))
+        if get_adapter(arch.family).input_kind != "image":
+            raise InputError(f"--importance (head importance by pruning) is measured for image models; a {arch.family} "
+                             "model's heads are measured by `attnviz analyze` (see the family's docs)")
     opts = ExtractOptions(model=model, input=str(input_path), out=str(out), family=family, device=device, dtype=dtype,
                           batch_size=batch_size, limit=limit, attributions=parse_attributions(attributions),
                           target=target, image_size=parse_image_size(image_size), store_qk=store_qk,
-                          compression=compression,
+                          family_options=family_options, compression=compression,
                           overwrite=overwrite, resume=resume, progress=progress)
     result = run_extract(opts)
     imp = None
@@ -90,7 +122,8 @@ def extract(
         imp = run_importance(result.adapter, str(input_path), result.path, ImportanceOptions(progress=progress),
                              batch_size=batch_size, limit=limit, force=True)
     acc = "" if result.accuracy is None else f", accuracy {result.accuracy:.1%}"
-    typer.echo(f"wrote {result.path}: {result.n_samples} images{acc}; {result.n_recorded} recorded in "
+    noun = result.adapter.input_noun if result.adapter is not None else "image"
+    typer.echo(f"wrote {result.path}: {result.n_samples} {noun}s{acc}; {result.n_recorded} recorded in "
                f"{result.seconds:.1f} s ({result.rate})"
                + (f"; {len(result.skipped)} input(s) skipped" if result.skipped else ""))
     if imp is not None:
@@ -174,11 +207,16 @@ def analyze(
                                   "(slower) or pca (instant)."),
     qk_points: int = typer.Option(1000, "--qk-points", min=4, help="Query-key: tokens per head (each gives a "
                                   "query and a key point)."),
+    sink_tau: Optional[float] = typer.Option(None, "--sink-tau", help="Vision-language: tau of the visual sink "
+                                             "tokens (default: the one the recording was made with)."),
+    centric_rho: float = typer.Option(0.5, "--centric-rho", help="Vision-language: visual non-sink ratio an "
+                                      "image-centric head needs (Kang et al. 2025)."),
 ) -> None:
     """Compute derived per-head results and store them in the recording.
 
-    Always: head statistics (entropy, confidence, CLS attention) and, with object masks, localization scores
-    (mask energy, pointing game). Further analyses are options.
+    Always: head statistics (entropy, confidence, CLS attention), with object masks localization scores
+    (mask energy, pointing game), and for vision-language recordings image attention ratio, VHD, visual sinks
+    and image-centric heads (docs/vlm.md). Further analyses are options.
     """
     # Extending: add an option above (e.g. `--spatial`) and one step below; import lazily.
     from attnviz.analysis.head_stats import compute_and_store
@@ -193,6 +231,10 @@ def analyze(
     from attnviz.analysis.localization import analyze_step as localization_step
 
     for line in localization_step(file):
+        typer.echo(f"{file}: {line}")
+    from attnviz.analysis.lvlm import analyze_step as lvlm_step
+
+    for line in lvlm_step(file, tau=sink_tau, rho=centric_rho):
         typer.echo(f"{file}: {line}")
     if patterns:
         from attnviz.analysis.patterns import analyze_step as patterns_step

@@ -29,14 +29,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image
 
 from attnviz.errors import InputError
 
-__all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "ImageInput", "InputSet", "collect_images", "read_image",
-           "read_mask", "ClassMatcher"]
+__all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "ImageInput", "InputSet", "collect_images", "check_inputs", "manifest_file",
+           "read_image", "read_mask", "ClassMatcher"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
@@ -188,18 +188,7 @@ def collect_images(path: str | os.PathLike, *, class_names: Sequence[str] | None
     else:
         raise InputError(f"input {path} is not an image ({', '.join(IMAGE_SUFFIXES)}), a folder, "
                          f"or a manifest ({', '.join(MANIFEST_SUFFIXES)})")
-    items, skipped = _check(candidates, limit, workers)
-    for sid, why in skipped:
-        warn(f"skipped {sid}: {why}")
-    if not items:
-        raise InputError(f"none of the {len(candidates)} image(s) in {path} could be read "
-                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
-    for it in items:
-        if it.mask is not None:
-            try:
-                read_mask(it.mask)
-            except Exception as e:
-                raise InputError(f"mask {it.mask} of {it.id} cannot be read ({str(e).splitlines()[0]})") from None
+    items, skipped = check_inputs(candidates, path=path, limit=limit, warn=warn, workers=workers)
     return InputSet(tuple(items), tuple(skipped), has_masks=any(it.mask is not None for it in items),
                     class_names=tuple(str(n) for n in class_names))
 
@@ -218,6 +207,29 @@ def _found_label_names(src: Path) -> list[str]:
                 names.add(str(int(raw)) if isinstance(raw, float) and raw.is_integer() else str(raw).strip())
         return sorted(names)
     return []
+
+
+def check_inputs(candidates: Sequence[Any], *, path: str | os.PathLike, limit: int | None,
+                 warn: Callable[[str], None], workers: int, noun: str = "image(s)") -> tuple[list[Any], list[tuple[str, str]]]:
+    """Decode the candidates (anything with ``id``, ``path`` and ``mask``) until ``limit`` readable ones are
+    found, warn about each skipped one, and check that the masks of those kept can be read.
+
+    Raises:
+        InputError: none readable, or a mask that cannot be read.
+    """
+    items, skipped = _check(list(candidates), limit, workers)
+    for sid, why in skipped:
+        warn(f"skipped {sid}: {why}")
+    if not items:
+        raise InputError(f"none of the {len(candidates)} {noun} in {path} could be read "
+                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
+    for it in items:
+        if it.mask is not None:
+            try:
+                read_mask(it.mask)
+            except Exception as e:  # PIL raises many types for damaged files
+                raise InputError(f"mask {it.mask} of {it.id} cannot be read ({str(e).splitlines()[0]})") from None
+    return items, skipped
 
 
 def _check(candidates: list[ImageInput], limit: int | None,
@@ -273,12 +285,8 @@ def _manifest(path: Path, matcher: ClassMatcher) -> list[ImageInput]:
     out: list[ImageInput] = []
     for line, row in rows:
         where = f"manifest {path.name} line {line}"
-        image = row.get("image")
-        if not isinstance(image, str) or not image.strip():
-            raise InputError(f"{where}: no 'image' path")
-        img_path = base / image
-        if not img_path.is_file():
-            raise InputError(f"{where}: image {image} not found (paths are relative to the manifest)")
+        img_path = manifest_file(row, "image", base, where)
+        image = row["image"]
         label = -1
         raw = row.get("label")
         if raw is not None and raw != "":
@@ -286,14 +294,28 @@ def _manifest(path: Path, matcher: ClassMatcher) -> list[ImageInput]:
             if hit is None:
                 raise InputError(f"{where}: label {raw!r} is not a class of the model ({matcher.describe()})")
             label = hit
-        mask = None
-        raw_mask = row.get("mask")
-        if raw_mask:
-            mask = base / str(raw_mask)
-            if not mask.is_file():
-                raise InputError(f"{where}: mask {raw_mask} not found (paths are relative to the manifest)")
-        out.append(ImageInput(image, img_path, label, mask))
+        out.append(ImageInput(image, img_path, label, manifest_file(row, "mask", base, where, required=False)))
     return out
+
+
+def manifest_file(row: dict, key: str, base: Path, where: str, *, required: bool = True) -> Path | None:
+    """The file a manifest row names under ``key`` (relative to the manifest's folder ``base``); None when an
+    optional one is not given.
+
+    Raises:
+        InputError: naming the line (``where``): a required path missing, or a file that does not exist.
+    """
+    value = row.get(key)
+    if not value or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise InputError(f"{where}: no {key!r} path")
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{where}: {key!r} must be a path, got {value!r}")
+    path = base / value
+    if not path.is_file():
+        raise InputError(f"{where}: {key} {value} not found (paths are relative to the manifest)")
+    return path
 
 
 def _manifest_rows(path: Path) -> Iterable[tuple[int, dict]]:

@@ -39,9 +39,10 @@ from extractor.device import resolve_device, resolve_dtype
 from extractor.inputs import InputSet, collect_images
 from extractor.loading import fingerprint_differences, model_fingerprint
 from extractor.targets import TARGET_NAMES, Target
+from extractor.vqa_inputs import collect_vqa
 
 # adapter.input_kind -> function enumerating and checking the inputs of that kind
-INPUT_COLLECTORS = {"image": collect_images}
+INPUT_COLLECTORS = {"image": collect_images, "image+prompt": collect_vqa}
 
 __all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "parse_image_size",
            "resolve_compression", "format_rate", "COMPRESSIONS", "TARGETS", "DEFAULT_ATTRIBUTIONS"]
@@ -138,8 +139,10 @@ class ExtractResult:
 
     @property
     def rate(self) -> str:
-        """The speed as people read it: "12.3 img/s", or "4.2 s/img" when slower than one image a second."""
-        return format_rate(self.n_recorded, self.seconds)
+        """The speed as people read it: "12.3 img/s", or "4.2 s/img" when slower than one image a second
+        ("clip" for audio)."""
+        unit = "img" if self.adapter is None or self.adapter.input_noun == "image" else self.adapter.input_noun
+        return format_rate(self.n_recorded, self.seconds, unit)
 
 
 def format_rate(n: int, seconds: float, unit: str = "img") -> str:
@@ -254,6 +257,9 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     adapter_cls = get_adapter(arch.family)
     # the weights are checked (and identified) before anything slow: a damaged file is one line now
     fingerprint = model_fingerprint(source.path, config, arch.model_class)
+    if opts.store_qk and not adapter_cls.supports_qk:
+        raise InputError(f"--store-qk does not apply to a {adapter_cls.name} model (it stores the query and key vectors "
+                         "of a self-attention stack over image tokens); leave it out")
     if opts.attributions is None:
         methods = list(adapter_cls.default_attributions)
     elif opts.attributions == ALL_ATTRIBUTIONS:
@@ -299,7 +305,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         "image_size": list(layout.image_size) if opts.image_size is not None else None,
         "store_qk": float(opts.store_qk), "family_options": dict(opts.family_options),
         "dtype": opts.dtype, "device": device.type, "batch_size": opts.batch_size,
-        "compression": compression, "torch": torch.__version__,
+        "compression": compression, "torch": torch.__version__, "family": adapter.extra_params(),
     }
     if opts.resume:
         writer = RecordingWriter.resume(out, sample_ids=inputs.ids)
@@ -356,6 +362,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     # 5. basic per-head statistics, so the dashboard has them without `attnviz analyze`
     t1 = time.perf_counter()
     _store_head_stats(path, stats)
+    _family_analyses(adapter, path)
     stats_seconds = time.perf_counter() - t1
 
     import attnviz
@@ -517,7 +524,8 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
                  stats: HeadStatsAccumulator | None = None) -> None:
     items = inputs.items
     n_todo = sum(stop - start for start, stop in todo)
-    bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress)
+    bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress,
+                    unit="img" if adapter.input_noun == "image" else adapter.input_noun)
     main_kind, layout = adapter.stacks()[0].kind, adapter.main_layout
     n_columns = writer.n_logit_columns
     n_keep_qk = writer.qk_tokens(main_kind)
@@ -564,11 +572,11 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
             stats_done.result()
 
 
-def _progress(*, total: int, initial: int, enabled: bool) -> Any:
+def _progress(*, total: int, initial: int, enabled: bool, unit: str = "img") -> Any:
     from tqdm.auto import tqdm
 
     # tqdm's bar shows [elapsed<remaining (the ETA), rate]; the rate flips to s/img below 1 img/s
-    return tqdm(total=total, initial=initial, unit="img", desc="extract", disable=not enabled,
+    return tqdm(total=total, initial=initial, unit=unit, desc="extract", disable=not enabled,
                 dynamic_ncols=True, file=sys.stderr)
 
 
@@ -587,4 +595,14 @@ def _store_head_stats(path: Path, stats: HeadStatsAccumulator | None = None) -> 
             compute_and_store(path)
     except Exception as e:  # noqa: BLE001 - reported, and `attnviz analyze` can redo it
         print(f"warning: per-head statistics failed ({type(e).__name__}: {e}); run `attnviz analyze {path}`",
+              file=sys.stderr)
+
+
+def _family_analyses(adapter: Adapter, path: Path) -> None:
+    """The family's own analyses of the finished file (:meth:`Adapter.after_recording`); as for the head
+    statistics, a failure is a warning: the recording is complete, and `attnviz analyze` can redo it."""
+    try:
+        adapter.after_recording(path)
+    except Exception as e:  # noqa: BLE001 - reported, and `attnviz analyze` can redo it
+        print(f"warning: {adapter.name} analyses failed ({type(e).__name__}: {e}); run `attnviz analyze {path}`",
               file=sys.stderr)

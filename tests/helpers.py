@@ -235,3 +235,120 @@ def write_images(folder: str | Path, names: list[str], *, size: tuple[int, int] 
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(p)
         out.append(p)
     return out
+
+
+# -- tiny LLaVA (vision-language) models and question manifests -------------------------------------
+
+#: words of the tiny LLaVA's tokenizer: the five specials (pad, bos, eos, image, unk) first
+TINY_LLAVA_WORDS = ("<pad>", "<s>", "</s>", "<image>", "<unk>", "user", "assistant", ":", "what", "colour", "is",
+                    "it", "?", "where", "shape", "the", "red", "blue", "green", "left", "right", "circle", "square")
+
+
+def save_tiny_llava(path: str | Path, *, image_size: int = 32, patch: int = 8, vision_layers: int = 2,
+                    text_layers: int = 2, heads: int = 4, hidden: int = 32, max_positions: int = 64,
+                    chat_template: bool = True, num_additional_image_tokens: int = 1, seed: int = 0) -> Path:
+    """Save a tiny random ``LlavaForConditionalGeneration`` (CLIP tower + Llama language model) and its
+    ``LlavaProcessor`` (CLIP image processor, word-level tokenizer, the demo's chat template) with
+    ``save_pretrained``, as users have LLaVA checkpoints. Image tokens: ``(image_size // patch) ** 2``.
+
+    Args:
+        chat_template: save the chat template (without it a prompt must hold ``<image>`` itself).
+        num_additional_image_tokens: the processor's count of tokens besides the patches (CLS = 1); 0
+            makes a processor whose image-token count disagrees with the tower.
+    """
+    import sys
+
+    import torch
+    import transformers as T
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from train_demo_llava import build_processor, build_tokenizer
+
+    path = Path(path)
+    vision = T.CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers,
+                                num_attention_heads=heads, image_size=image_size, patch_size=patch,
+                                projection_dim=hidden, initializer_range=0.2)
+    text = T.LlamaConfig(vocab_size=len(TINY_LLAVA_WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         initializer_range=0.2, tie_word_embeddings=False)
+    cfg = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=3, vision_feature_layer=-1,
+                        vision_feature_select_strategy="default", projector_hidden_act="gelu", pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = T.LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # norms as a trained model has them, so maps and head outputs are far from uniform
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm) and mod.elementwise_affine:
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0.0, 0.2)
+            elif type(mod).__name__ == "LlamaRMSNorm":
+                mod.weight.uniform_(0.5, 1.5)
+    model.generation_config = T.GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=4)
+    model.save_pretrained(path)
+    processor = build_processor(build_tokenizer(list(TINY_LLAVA_WORDS)), image_size=image_size, patch=patch)
+    processor.num_additional_image_tokens = num_additional_image_tokens
+    processor.tokenizer.model_max_length = max_positions
+    if not chat_template:
+        processor.chat_template = None
+    processor.save_pretrained(path)
+    if not chat_template:
+        (path / "chat_template.jinja").unlink(missing_ok=True)
+    return path
+
+
+def write_vqa_manifest(folder: str | Path, rows: list[dict], *, size: tuple[int, int] = (40, 48), seed: int = 0,
+                       masks: bool = False) -> Path:
+    """Write ``questions.jsonl`` under ``folder`` with one random RGB image per distinct ``image`` name of
+    ``rows`` (each row: ``image``, ``prompt``, optional ``answer``); with ``masks`` a mask per image too."""
+    import json
+
+    from PIL import Image
+
+    folder = Path(folder)
+    images = sorted({r["image"] for r in rows})
+    write_images(folder, images, size=size, seed=seed)
+    out = []
+    for r in rows:
+        r = dict(r)
+        if masks:
+            m = np.zeros(size, np.uint8)
+            m[: size[0] // 2, : size[1] // 2] = 255
+            name = f"masks/{Path(r['image']).stem}.png"
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m).save(folder / name)
+            r["mask"] = name
+        out.append(json.dumps(r))
+    manifest = folder / "questions.jsonl"
+    manifest.write_text("\n".join(out) + "\n")
+    return manifest
+
+
+#: the questions of the shared tiny lvlm recording (:func:`make_lvlm_run`)
+LVLM_QUESTIONS = [
+    {"image": "a.png", "prompt": "what colour is it?", "answer": "red"},
+    {"image": "b.png", "prompt": "where is the shape?", "answer": "left"},
+    {"image": "a.png", "prompt": "what shape is it?", "answer": "circle"},
+    {"image": "c.png", "prompt": "what colour is the shape?"},
+    {"image": "b.png", "prompt": "what is it?", "answer": "blue"},
+]
+#: sink tau of the shared recording (hidden size 32: phi <= sqrt(32))
+LVLM_TAU = 3.0
+
+
+def make_lvlm_run(root: str | Path) -> dict:
+    """A tiny LLaVA, a manifest of :data:`LVLM_QUESTIONS` (with masks) and two recordings of it through
+    ``extract``: ``full`` (every row, VHD, sinks at :data:`LVLM_TAU`, reinforcement alpha 3) and ``rows``
+    (``answer_rows_only``). Returns paths and the loaded adapter of ``full``."""
+    from extractor.pipeline import ExtractOptions, extract
+
+    root = Path(root)
+    model = save_tiny_llava(root / "llava")
+    manifest = write_vqa_manifest(root / "data", LVLM_QUESTIONS, masks=True)
+    opts = dict(model=str(model), input=str(manifest), batch_size=2, progress=False)
+    full = extract(ExtractOptions(out=str(root / "full.h5"), **opts,
+                                  family_options={"max_new_tokens": 3, "sink_tau": LVLM_TAU, "reinforce": 3.0}))
+    rows = extract(ExtractOptions(out=str(root / "rows.h5"), **opts,
+                                  family_options={"max_new_tokens": 3, "sink_tau": LVLM_TAU, "answer_rows_only": True}))
+    return {"root": root, "model": model, "manifest": manifest, "full": full.path, "rows": rows.path,
+            "adapter": full.adapter}

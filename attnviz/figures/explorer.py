@@ -92,7 +92,9 @@ def fig_query_overlay(image: np.ndarray, heat: np.ndarray, *, patch_size: tuple[
 
 def fig_head_multiples(maps: np.ndarray, *, selected_head: int | None = None, cols: int | None = None,
                        title: str | None = None, query_cell: tuple[int, int] | None = None,
-                       colorscale: str = HEAT_SCALE, height: int | None = None) -> go.Figure:
+                       colorscale: str = HEAT_SCALE, height: int | None = None, tile_label: str = "head",
+                       colorbar_title: str = "attention", zmax: float | None = None,
+                       subtitle: str | None = None) -> go.Figure:
     """Small multiples of every head's map for one query, as ONE heatmap trace.
 
     Args:
@@ -100,6 +102,8 @@ def fig_head_multiples(maps: np.ndarray, *, selected_head: int | None = None, co
         selected_head: head to outline.
         cols: heads per row (default ``ceil(sqrt(H))``, at most 8).
         query_cell: (row, col) of the query, marked in every tile.
+        tile_label / colorbar_title / zmax: what a tile is called ("head"; "layer" for per-layer maps), the
+            colour bar's title, its maximum (default: the largest value).
 
     Returns:
         trace 0: ``go.Heatmap`` of a mosaic: head ``h`` at tile (h // cols, h % cols), tiles
@@ -120,7 +124,8 @@ def fig_head_multiples(maps: np.ndarray, *, selected_head: int | None = None, co
     heads = np.arange(n_heads)
     tile_r, tile_c = np.divmod(heads, cols)
     labels = dict(
-        type="scatter", x=tile_c * (gw + 1) + (gw - 1) / 2, y=tile_r * (gh + 1) - 0.9, mode="text", text=[f"head {h}" for h in heads],
+        type="scatter", x=tile_c * (gw + 1) + (gw - 1) / 2, y=tile_r * (gh + 1) - 0.9, mode="text",
+        text=[f"{tile_label} {h}" for h in heads],
         textfont=dict(size=11, color=["#e4572e" if h == selected_head else "#333" for h in heads]),
         hoverinfo="skip", showlegend=False, cliponaxis=False,
     )
@@ -135,15 +140,17 @@ def fig_head_multiples(maps: np.ndarray, *, selected_head: int | None = None, co
         shapes.append(dict(type="rect", x0=c * (gw + 1) - 0.5, x1=c * (gw + 1) + gw - 0.5, y0=r * (gh + 1) - 0.5,
                            y1=r * (gh + 1) + gh - 0.5, line=dict(color="#e4572e", width=3)))
     hm = dict(
-        type="heatmap", z=big, customdata=owner, colorscale=colorscale, zmin=0.0, zmax=float(np.nanmax(maps)) if maps.size else 1.0,
-        colorbar=dict(title=dict(text="attention", side="right"), thickness=12),
-        hovertemplate="head %{customdata}<br>%{z:.4f}<extra></extra>", hoverongaps=False,
+        type="heatmap", z=big, customdata=owner, colorscale=colorscale, zmin=0.0,
+        zmax=float(zmax) if zmax is not None else (float(np.nanmax(maps)) if maps.size else 1.0),
+        colorbar=dict(title=dict(text=colorbar_title, side="right"), thickness=12),
+        hovertemplate=f"{tile_label} %{{customdata}}<br>%{{z:.4f}}<extra></extra>", hoverongaps=False,
     )
     return make_figure([hm, labels], dict(
         shapes=shapes, xaxis=dict(visible=False, constrain="domain"),
         yaxis=dict(visible=False, autorange="reversed", scaleanchor="x", constrain="domain"),
         dragmode=False, clickmode="event"),
-        title=title, height=height or min(700, 140 + rows * 170), margin=dict(l=10, r=10, b=10, t=70 if title else 30))
+        title=title, subtitle=subtitle, height=height or min(700, 140 + rows * 170),
+        margin=dict(l=10, r=10, b=10, t=(90 if subtitle else 70) if title else 30))
 
 
 def mask_outline_path(mask: np.ndarray, image_size: tuple[int, int], max_side: int = 128) -> str:

@@ -285,7 +285,10 @@ class Recording:
 
         ok = (_is_int(lay.n_prefix) and lay.n_prefix >= 0 and all(isinstance(x, str) for x in lay.prefix_names)
               and len(lay.prefix_names) in (0, lay.n_prefix) and pair(lay.grid) and pair(lay.patch_size)
-              and pair(lay.image_size) and lay.query_axis in ("tokens", "frames") and lay.key_axis in ("tokens", "frames"))
+              and pair(lay.image_size) and lay.query_axis in S.QUERY_AXES and lay.key_axis in S.KEY_AXES
+              and (lay.image_span is None or (isinstance(lay.image_span, tuple) and len(lay.image_span) == 2
+                                              and all(_is_int(x) and x >= 0 for x in lay.image_span)
+                                              and lay.image_span[0] < lay.image_span[1])))
         if not ok:
             raise RecordingError(f"{self.path}: {where}: attribute 'layout' has values of the wrong type or range")
         return lay

@@ -109,6 +109,12 @@ ATTR_AXES = "axes"
 G_ANALYSES = "analyses"
 D_SKIPPED = "inputs/skipped"
 
+# What the axes of a stack's maps index (TokenLayout.query_axis / key_axis). "answer_steps": row j is the
+# position that generates answer token j (an lvlm recording made with --answer-rows-only).
+KEY_AXES = ("tokens", "frames")
+ANSWER_STEPS = "answer_steps"
+QUERY_AXES = KEY_AXES + (ANSWER_STEPS,)
+
 # Attributes of attention/<kind> groups.
 ATTR_STACK_N_LAYERS = "n_layers"
 ATTR_STACK_N_HEADS = "n_heads"
@@ -208,7 +214,11 @@ class TokenLayout:
         grid: (grid_h, grid_w) patches, or None.
         patch_size: (patch_h, patch_w) in input pixels, or None.
         image_size: (height, width) of the model input in pixels, or None.
-        query_axis / key_axis: what the rows / columns of a map index: "tokens" or "frames".
+        query_axis / key_axis: what the rows / columns of a map index: "tokens" or "frames"; a query
+            axis may also be "answer_steps": row j is the position that generates answer token j (an
+            lvlm recording made with --answer-rows-only).
+        image_span: (start, stop) token positions of the image tokens on a token axis, when they are
+            the same for every sample (an lvlm language model with a fixed chat template), else None.
     """
 
     n_prefix: int = 0
@@ -218,6 +228,7 @@ class TokenLayout:
     image_size: tuple[int, int] | None = None
     query_axis: str = "tokens"
     key_axis: str = "tokens"
+    image_span: tuple[int, int] | None = None
 
     @property
     def n_patches(self) -> int:
@@ -236,7 +247,7 @@ class TokenLayout:
         """Parse a stored layout; keys this version does not know are ignored (forward compatible)."""
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in loads(text).items() if k in known}
-        for key in ("grid", "patch_size", "image_size"):
+        for key in ("grid", "patch_size", "image_size", "image_span"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         d["prefix_names"] = tuple(d.get("prefix_names", ()))

@@ -1,6 +1,6 @@
 """The adapter registry and the table of architecture facts.
 
-An *adapter* knows, for one model family ("vit", later "s2t" and "lvlm"), how to load a Hugging Face
+An *adapter* knows, for one model family ("vit", "lvlm", later "s2t"), how to load a Hugging Face
 model, turn inputs into model inputs, and run a batch so that it returns one attention stack per kind
 (``[batch, layer, head, query_pos, key_pos]``) plus the logits. Adapters register themselves by name
 (:func:`register_adapter`); the CLI takes its ``--family`` choices from :func:`available_adapters`.
@@ -180,6 +180,12 @@ _DINOV2_REG_LAYERS = StackModules("self", r"dinov2_with_registers\.encoder\.laye
 _CLIP_ATTENTION = dict(attention="self_attn", query="self_attn.q_proj", key="self_attn.k_proj",
                        value="self_attn.v_proj", output_projection="self_attn.out_proj")
 _CLIP_LAYERS = StackModules("self", r"(?:vision_model\.)?encoder\.layers\.(\d+)", **_CLIP_ATTENTION)
+# LLaVA: a Llama-style language model (self_attn with o_proj) and the tower (CLIP facts) under model.vision_tower
+_LLAVA_LM_LAYERS = StackModules("self", r"model\.language_model\.layers\.(\d+)", attention="self_attn",
+                                query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
+                                output_projection="self_attn.o_proj")
+_LLAVA_VISION_LAYERS = StackModules("vision", r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)",
+                                    **_CLIP_ATTENTION)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -221,6 +227,12 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
                      default_for_type=True),
     ArchitectureSpec("SiglipForImageClassification", "siglip", "vit", (_CLIP_LAYERS,), (),
                      vision_config="vision_config", default_for_type=True),
+    # LLaVA (llava-1.5 style): the language model's self-attention is the main stack; the vision tower is
+    # a CLIP/SigLIP tower under `model.vision_tower` whose prefix tokens come from the tower's own row
+    # above (extractor/adapters/lvlm.py), so the row names none itself
+    ArchitectureSpec("LlavaForConditionalGeneration", "llava", "lvlm", (_LLAVA_LM_LAYERS, _LLAVA_VISION_LAYERS), (),
+                     vision_config="vision_config", default_for_type=True, output="generated",
+                     interpolation="none", image_mean=CLIP_MEAN, image_std=CLIP_STD),
 )
 
 
@@ -362,6 +374,10 @@ class Adapter(ABC):
     writes_meta: ClassVar[bool] = False
     #: (height, width) of the stored thumbnails, or None for inputs without one (audio)
     thumbnail_size: tuple[int, int] | None = None
+    #: what one input is called in messages and progress bars ("image", "clip")
+    input_noun: ClassVar[str] = "image"
+    #: the family can store per-head query/key vectors (``--store-qk``: self-attention over one sequence)
+    supports_qk: ClassVar[bool] = True
 
     def __init__(self, *, model: Any, config: Any, arch: ArchitectureSpec, source: ModelSource,
                  device: torch.device, autocast_dtype: torch.dtype | None) -> None:
@@ -476,6 +492,16 @@ class Adapter(ABC):
 
     def per_sample_specs(self) -> list[PerSampleSpec]:
         """The family's per-sample arrays besides the maps (``per_sample/<name>``); none by default."""
+        return []
+
+    def extra_params(self) -> dict[str, Any]:
+        """Facts of this family's recording stored in the extraction parameters under ``"family"``
+        (JSON-able: frame durations, the model's own alignment heads, ...); none by default."""
+        return {}
+
+    def after_recording(self, path: Any) -> list[str]:
+        """Family analyses run on the finished recording (after the basic head statistics), e.g. the lvlm
+        head metrics; returns one line per result for the terminal. Nothing by default."""
         return []
 
     def embedding_fn(self) -> Callable[[Any], Any]:

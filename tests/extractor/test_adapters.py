@@ -150,7 +150,7 @@ def test_weights_without_safetensors_are_refused(tmp_path, model_dirs):
     d = tmp_path / "nosafe"
     shutil.copytree(model_dirs["vit"], d)
     (d / "model.safetensors").unlink()
-    with pytest.raises(ModelError, match="no model.safetensors in the model directory"):
+    with pytest.raises(ModelError, match="no model.safetensors in the model directory"):  # extractor/loading.py
         load_model(d, device="cpu")
 
 

@@ -121,7 +121,8 @@ def sample_card(data: Any):
         top = np.argsort(-prob)[:5]
         verdict = "" if lab < 0 else (" ✓" if lab == pred else " ✗")
         rows += [html.Dt("prediction"), html.Dd(name(pred) + verdict)]
-        rows += sum(([html.Dt(f"p({name(int(c))})"), html.Dd(f"{prob[c]:.3f}")] for c in top), [])
+        if np.isfinite(logits).all():  # a generative model predicts by its generated text: no class scores
+            rows += sum(([html.Dt(f"p({name(int(c))})"), html.Dd(f"{prob[c]:.3f}")] for c in top), [])
     else:
         rows += [html.Dt("prediction"), html.Dd("none: the model has no classification head")]
     return html.Div([
