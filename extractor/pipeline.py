@@ -33,11 +33,12 @@ from attnviz.store import RecordingWriter, SampleBatch, check_output_path, parti
 from extractor.adapters import Adapter, detect, get_adapter, load_config, resolve_model
 from extractor.adapters.base import class_names_of
 from extractor.device import resolve_device, resolve_dtype
+from extractor.audio import collect_audio
 from extractor.inputs import InputSet, collect_images
 from extractor.targets import TARGET_NAMES, Target
 
 # adapter.input_kind -> function enumerating and checking the inputs of that kind
-INPUT_COLLECTORS = {"image": collect_images}
+INPUT_COLLECTORS = {"image": collect_images, "audio": collect_audio}
 
 __all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "parse_image_size",
            "resolve_compression", "format_rate", "COMPRESSIONS", "TARGETS", "DEFAULT_ATTRIBUTIONS"]
@@ -134,8 +135,10 @@ class ExtractResult:
 
     @property
     def rate(self) -> str:
-        """The speed as people read it: "12.3 img/s", or "4.2 s/img" when slower than one image a second."""
-        return format_rate(self.n_recorded, self.seconds)
+        """The speed as people read it: "12.3 img/s", or "4.2 s/img" when slower than one image a second
+        ("clip" for audio)."""
+        unit = "img" if self.adapter is None or self.adapter.input_noun == "image" else self.adapter.input_noun
+        return format_rate(self.n_recorded, self.seconds, unit)
 
 
 def format_rate(n: int, seconds: float, unit: str = "img") -> str:
@@ -242,6 +245,9 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     if opts.family is not None and arch.family != opts.family:
         raise ModelError(f"{source.ref} is a {arch.model_class} ({arch.family} family), not a {opts.family} model")
     adapter_cls = get_adapter(arch.family)
+    if opts.store_qk and not adapter_cls.supports_qk:
+        raise InputError(f"--store-qk does not apply to a {adapter_cls.name} model (it stores the query and key vectors "
+                         "of a self-attention stack over image tokens); leave it out")
     if opts.attributions is None:
         methods = list(adapter_cls.default_attributions)
     elif opts.attributions == ALL_ATTRIBUTIONS:
@@ -255,7 +261,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
             methods.remove("saliency")  # undefined for this target (check_methods says why); "all" means the rest
     # a backbone without a classification head has no classes: the inputs' own labels name them
     model_classes = class_names_of(config) if arch.has_classifier else None
-    inputs = INPUT_COLLECTORS[adapter_cls.input_kind](opts.input, class_names=model_classes, limit=opts.limit)
+    inputs = INPUT_COLLECTORS[adapter_cls.input_kind](opts.input, class_names=model_classes, limit=opts.limit,
+                                                      **adapter_cls.collect_options(source, config, arch))
     if target.name == "label":
         unlabelled = [it.id for it in inputs.items if it.label < 0]
         if unlabelled:
@@ -278,7 +285,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         "image_size": list(layout.image_size) if opts.image_size is not None else None,
         "store_qk": float(opts.store_qk), "family_options": dict(opts.family_options),
         "dtype": opts.dtype, "device": device.type, "batch_size": opts.batch_size,
-        "compression": compression, "torch": torch.__version__,
+        "compression": compression, "torch": torch.__version__, "family": adapter.extra_params(),
     }
     if opts.resume:
         writer = RecordingWriter.resume(out, sample_ids=inputs.ids)
@@ -420,7 +427,8 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
                  methods: list[str], target: Target, opts: ExtractOptions) -> None:
     items = inputs.items
     n_todo = sum(stop - start for start, stop in todo)
-    bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress)
+    bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress,
+                    unit="img" if adapter.input_noun == "image" else adapter.input_noun)
     main_kind, layout = adapter.stacks()[0].kind, adapter.main_layout
     n_columns = writer.n_logit_columns
     n_keep_qk = writer.qk_tokens(main_kind)
@@ -458,11 +466,11 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
             bar.update(stop - start)
 
 
-def _progress(*, total: int, initial: int, enabled: bool) -> Any:
+def _progress(*, total: int, initial: int, enabled: bool, unit: str = "img") -> Any:
     from tqdm.auto import tqdm
 
     # tqdm's bar shows [elapsed<remaining (the ETA), rate]; the rate flips to s/img below 1 img/s
-    return tqdm(total=total, initial=initial, unit="img", desc="extract", disable=not enabled,
+    return tqdm(total=total, initial=initial, unit=unit, desc="extract", disable=not enabled,
                 dynamic_ncols=True, file=sys.stderr)
 
 
