@@ -41,9 +41,11 @@ def extract(
     model: str = typer.Option(..., "--model", help="A model folder made by save_pretrained, or a hub id already "
                               "in the local Hugging Face cache (attnviz never downloads)."),
     input_path: Path = typer.Option(..., "--input", help="An image, a folder of images (recursive; class-named "
-                               "subfolders give labels), or a .jsonl/.csv manifest (image, label, mask)."),
+                               "subfolders give labels), or a .jsonl/.csv manifest (image, label, mask); for a "
+                               "speech model an audio file (wav, flac, ogg), a folder of them, or a manifest "
+                               "(audio, text, words with start/end seconds)."),
     out: Path = typer.Option(..., "--out", help="The recording to write (.h5)."),
-    family: Optional[str] = typer.Option(None, "--family", help="Expected model family (vit); default: "
+    family: Optional[str] = typer.Option(None, "--family", help="Expected model family (vit, s2t); default: "
                                          "detected from the model's config."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="Forward precision on the GPU: float32, float16 or "
@@ -73,14 +75,46 @@ def extract(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     importance: bool = typer.Option(False, "--importance", help="Then measure pruning-based head importance on "
                                     "the same inputs (as `attnviz importance`, zero ablation)."),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Speech: beams of the decoding search (default 1: greedy)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Speech: tokens generated after the "
+                                                 "prompt (default: Whisper's budget, half the decoder context per "
+                                                 "full window, scaled to the longest clip)."),
+    language: Optional[str] = typer.Option(None, "--language", help="Speech, multilingual checkpoints: the language "
+                                           "of the prompt (e.g. en, german); default: detected."),
+    task: Optional[str] = typer.Option(None, "--task", help="Speech, multilingual checkpoints: transcribe or translate."),
+    stacks: Optional[str] = typer.Option(None, "--stacks", help="Speech: attention kinds to record, e.g. "
+                                         "cross,decoder_self (default: cross,self,decoder_self; cross always)."),
+    n_masks: Optional[int] = typer.Option(None, "--n-masks", help="Speech: masks per clip of the perturbation "
+                                          "saliency (default 128)."),
+    mask_batch: Optional[int] = typer.Option(None, "--mask-batch", help="Speech: masked copies per forward pass "
+                                             "(default 16)."),
+    gradient_method: Optional[str] = typer.Option(None, "--gradient-method", help="Speech: the gradient saliency: "
+                                                  "saliency (default), input_x_gradient or integrated_gradients."),
+    deletion_steps: Optional[int] = typer.Option(None, "--deletion-steps", help="Speech: deletion curves with this "
+                                                 "many steps (fractions 0, 1/N, ..., 1 of the frames removed; "
+                                                 "default 0 = none)."),
+    alignment_heads: Optional[str] = typer.Option(None, "--alignment-heads", help="Speech: decoder layer:head pairs "
+                                                  "that time the words (DTW), e.g. 1:0,1:2 (default: the model's "
+                                                  "alignment_heads, else the best heads by CA-vs-saliency)."),
 ) -> None:
     """Record every head's attention map (plus logits, thumbnails, attributions) into one HDF5 file."""
     from extractor.pipeline import ExtractOptions, extract as run_extract, parse_attributions, parse_image_size
 
+    given = dict(beam=beam, max_new_tokens=max_new_tokens, language=language, task=task, stacks=stacks,
+                 n_masks=n_masks, mask_batch=mask_batch, gradient_method=gradient_method,
+                 deletion_steps=deletion_steps, alignment_heads=alignment_heads)
+    family_options = {k: v for k, v in given.items() if v is not None}
+    if importance:  # refused before a long extraction, not after it
+        from extractor.adapters import detect, get_adapter, load_config, resolve_model
+
+        arch = detect(load_config(resolve_model(model)))
+        if get_adapter(arch.family).input_kind != "image":
+            raise InputError(f"--importance (head importance by pruning) is measured for image models; a {arch.family} "
+                             "model's heads are ranked by cross-attention vs saliency with `attnviz analyze`")
     opts = ExtractOptions(model=model, input=str(input_path), out=str(out), family=family, device=device, dtype=dtype,
                           batch_size=batch_size, limit=limit, attributions=parse_attributions(attributions),
                           target=target, image_size=parse_image_size(image_size), store_qk=store_qk,
-                          compression=compression,
+                          family_options=family_options, compression=compression,
                           overwrite=overwrite, resume=resume, progress=progress)
     result = run_extract(opts)
     imp = None
@@ -90,7 +124,8 @@ def extract(
         imp = run_importance(result.adapter, str(input_path), result.path, ImportanceOptions(progress=progress),
                              batch_size=batch_size, limit=limit, force=True)
     acc = "" if result.accuracy is None else f", accuracy {result.accuracy:.1%}"
-    typer.echo(f"wrote {result.path}: {result.n_samples} images{acc}; {result.n_recorded} recorded in "
+    noun = result.adapter.input_noun if result.adapter is not None else "image"
+    typer.echo(f"wrote {result.path}: {result.n_samples} {noun}s{acc}; {result.n_recorded} recorded in "
                f"{result.seconds:.1f} s ({result.rate})"
                + (f"; {len(result.skipped)} input(s) skipped" if result.skipped else ""))
     if imp is not None:
@@ -174,11 +209,16 @@ def analyze(
                                   "(slower) or pca (instant)."),
     qk_points: int = typer.Option(1000, "--qk-points", min=4, help="Query-key: tokens per head (each gives a "
                                   "query and a key point)."),
+    alignment_heads: Optional[str] = typer.Option(None, "--alignment-heads", help="Speech: decoder layer:head pairs "
+                                                  "whose cross-attention times the words by DTW, e.g. 1:0,1:2 "
+                                                  "(default: as recorded, the model's, else the best by "
+                                                  "CA-vs-saliency). See docs/speech.md."),
 ) -> None:
     """Compute derived per-head results and store them in the recording.
 
     Always: head statistics (entropy, confidence, CLS attention) and, with object masks, localization scores
-    (mask energy, pointing game). Further analyses are options.
+    (mask energy, pointing game); for speech recordings the cross-attention vs saliency comparison, WER and word
+    timestamps by DTW. Further analyses are options.
     """
     # Extending: add an option above (e.g. `--spatial`) and one step below; import lazily.
     from attnviz.analysis.head_stats import compute_and_store
@@ -193,6 +233,10 @@ def analyze(
     from attnviz.analysis.localization import analyze_step as localization_step
 
     for line in localization_step(file):
+        typer.echo(f"{file}: {line}")
+    from attnviz.analysis.crossattn import analyze_step as speech_step
+
+    for line in speech_step(file, alignment_heads=alignment_heads):
         typer.echo(f"{file}: {line}")
     if patterns:
         from attnviz.analysis.patterns import analyze_step as patterns_step
