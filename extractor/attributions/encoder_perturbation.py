@@ -29,7 +29,7 @@ __all__ = ["encoder_perturbation", "ENCODER_PERTURBATION"]
 DEFAULT_WIDTHS = (2, 5, 10, 20)
 
 
-def encoder_perturbation(*, decoding: ForcedDecoding, n_masks: int = 128, batch_size: int = 32, p_hide: float = 0.5,
+def encoder_perturbation(*, decoding: ForcedDecoding, n_masks: int = 128, batch_size: int = 32, p_hide: float = 0.25,
                          widths: Sequence[int] = DEFAULT_WIDTHS, seed: int = 0, **_: Any) -> np.ndarray:
     """Mean KL divergence of the encoder-output masks that hid each encoder frame.
 
@@ -57,10 +57,10 @@ ENCODER_PERTURBATION = register(AttributionMethod(
     name="encoder_perturbation",
     resolution="encoder_frame",
     description=("encoder-output perturbation: {n_masks} random masks over encoder frames (zeroed, p_hide {p_hide}), "
-                 "saliency of a frame = mean KL of the next-token distribution over the masks that hid it, forced "
-                 "decoding (the reference cross-attention can at best reach; Papi et al. 2025)"),
+                 "saliency of a frame = mean KL of the next-token distribution over the masks that hid it minus the mean "
+                 "of all masks, forced decoding (the reference cross-attention can at best reach; Papi et al. 2025)"),
     needs_grad=False,
     fn=encoder_perturbation,
-    params={"n_masks": 128, "batch_size": 32, "p_hide": 0.5, "seed": 0},
+    params={"n_masks": 128, "batch_size": 32, "p_hide": 0.25, "seed": 0},
     input_kind="audio",
 ))

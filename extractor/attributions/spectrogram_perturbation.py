@@ -50,7 +50,7 @@ DEFAULT_N_MASKS = 128
 
 
 def spectrogram_perturbation(*, decoding: ForcedDecoding, n_masks: int = DEFAULT_N_MASKS, batch_size: int = 16,
-                             p_hide: float = 0.5, scales: Sequence[tuple[float, int]] = DEFAULT_SCALES,
+                             p_hide: float = 0.25, scales: Sequence[tuple[float, int]] = DEFAULT_SCALES,
                              seed: int = 0, **_: Any) -> np.ndarray:
     """Mean KL divergence of the masks that hid each cell.
 
@@ -88,9 +88,10 @@ PERTURBATION = register(AttributionMethod(
     resolution="spectrogram",
     description=("spectrogram perturbation (SPES-style, Fucci et al. 2024): {n_masks} random multi-scale "
                  "time-frequency masks (cells zeroed, p_hide {p_hide}), saliency of a cell = mean KL(p(.|X) || "
-                 "p(.|masked X)) of the next-token distribution over the masks that hid it, forced decoding"),
+                 "p(.|masked X)) of the next-token distribution over the masks that hid it, minus the mean of all masks; "
+                 "forced decoding"),
     needs_grad=False,
     fn=spectrogram_perturbation,
-    params={"n_masks": DEFAULT_N_MASKS, "batch_size": 16, "p_hide": 0.5, "seed": 0},
+    params={"n_masks": DEFAULT_N_MASKS, "batch_size": 16, "p_hide": 0.25, "seed": 0},
     input_kind="audio",
 ))

@@ -150,7 +150,8 @@ def random_masks(rng: np.random.Generator, n_masks: int, n_mel: int, n_frames: i
 
     Mask ``k`` uses scale ``scales[k % len(scales)] = (mel_fraction, frames)``: a grid of cells of
     ``ceil(mel_fraction * n_mel)`` mel bins by ``frames`` feature frames, shifted by a random offset in both
-    directions (so cell edges fall anywhere), each cell hidden independently with probability ``p_hide``.
+    directions (so cell edges fall anywhere; a cell of the whole band is not shifted along mel), each cell hidden
+    independently with probability ``p_hide``.
 
     Returns:
         bool ``[n_masks, n_mel, n_frames]``, True = hidden.
@@ -160,7 +161,9 @@ def random_masks(rng: np.random.Generator, n_masks: int, n_mel: int, n_frames: i
         frac, width = scales[k % len(scales)]
         height = max(1, int(np.ceil(frac * n_mel)))
         width = max(1, int(width))
-        off_m, off_t = int(rng.integers(height)), int(rng.integers(width))
+        # a cell as tall as the band stays the whole band (a shift would cut it in two)
+        off_m = int(rng.integers(height)) if height < n_mel else 0
+        off_t = int(rng.integers(width))
         rows = (np.arange(n_mel) + off_m) // height
         cols = (np.arange(n_frames) + off_t) // width
         cells = rng.random((int(rows[-1]) + 1, int(cols[-1]) + 1)) < p_hide
