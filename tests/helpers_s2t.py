@@ -35,8 +35,11 @@ SAMPLE_RATE = 16_000
 
 
 def token_ids() -> dict[str, int]:
-    """Token -> id of the tiny vocabulary (words first, then the special tokens; ids up to VOCAB-1 unused)."""
-    return {w: i for i, w in enumerate(WORDS + SPECIALS)}
+    """Token -> id of the tiny vocabulary: words, the special tokens, then timestamp tokens up to VOCAB - 1 (as
+    real checkpoints end their vocabulary with ``<|0.00|>`` ... after ``<|notimestamps|>``)."""
+    names = WORDS + SPECIALS
+    names += tuple(f"<|{0.02 * i:.2f}|>" for i in range(VOCAB - len(names)))
+    return {w: i for i, w in enumerate(names)}
 
 
 def save_tiny_whisper(path: str | Path, kind: str = "plain", *, encoder_layers: int = 2, decoder_layers: int = 2,
@@ -88,7 +91,8 @@ def save_tiny_whisper(path: str | Path, kind: str = "plain", *, encoder_layers: 
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = T.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|startoftranscript|>",
                                     eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                    additional_special_tokens=list(SPECIALS[2:]))
+                                    additional_special_tokens=[t for t in ids if t.startswith("<|") and t != "<|endoftext|>"
+                                                               and t != "<|startoftranscript|>"])
     tok.save_pretrained(path)
     T.WhisperFeatureExtractor(feature_size=n_mel, sampling_rate=SAMPLE_RATE, chunk_length=window_seconds,
                               hop_length=160, n_fft=400).save_pretrained(path)

@@ -29,7 +29,7 @@ from attnviz.figures import fig_message
 from attnviz.figures.speech import fig_clip, fig_correlation_grid, fig_deletion, fig_token_alignment
 from attnviz.store.reader import Recording
 
-__all__ = ["ClipData", "clip_data", "analysis", "timings", "saliency_methods", "default_token", "clip_figure",
+__all__ = ["ClipData", "clip_data", "analysis", "timings", "saliency_methods", "default_token", "token_span", "clip_figure",
            "token_figure", "correlation_figure", "deletion_figure", "token_table", "aggregate_table", "summary_line",
            "CORRELATIONS"]
 
@@ -146,8 +146,21 @@ def _word_of_row(clip: ClipData, row: int) -> tuple[str, float, float] | None:
     return None
 
 
+def token_span(rec: Recording, sample: int, token: int | None) -> tuple[float, float] | None:
+    """(start, end) in seconds of the selected token's word: its DTW timing, else its matched reference word."""
+    if token is None:
+        return None
+    clip = clip_data(rec, sample)
+    hit = _word_of_row(clip, token)
+    if hit is not None and np.isfinite(hit[1]):
+        return float(hit[1]), float(hit[2])
+    ref = clip.reference_of_row.get(token)
+    return (float(ref[1]), float(ref[2])) if ref else None
+
+
 def clip_figure(rec: Recording, sample: int, token: int | None = None) -> go.Figure:
-    """Waveform and spectrogram of one clip with its reference words and DTW word timings."""
+    """Waveform and spectrogram of one clip with its reference words and DTW word timings; the selected token's
+    word outlined (the figure's last shape)."""
     clip = clip_data(rec, sample)
     fam = _family(rec)
     duration = float(clip.meta.get("duration", 0.0))
@@ -155,13 +168,7 @@ def clip_figure(rec: Recording, sample: int, token: int | None = None) -> go.Fig
         return fig_message("This recording stores no waveform or features (per_sample/waveform_envelope, log_mel).")
     ref = [(w["word"], float(w["start"]), float(w["end"])) for w in clip.meta.get("reference_words") or []]
     aligned = [(w, a, b) for w, _, a, b in clip.words if np.isfinite(a)]
-    highlight = None
-    if token is not None:
-        hit = _word_of_row(clip, token)
-        if hit is not None and np.isfinite(hit[1]):
-            highlight = (hit[1], hit[2])
-        elif token in clip.reference_of_row:
-            highlight = clip.reference_of_row[token][1:]
+    highlight = token_span(rec, sample, token)
     text = clip.meta.get("text") or "(no words)"
     return fig_clip(clip.envelope, float(fam.get("envelope_seconds", 0.005)), clip.log_mel,
                     float(fam.get("feature_frame_seconds", 0.01)), duration=duration, reference=ref, aligned=aligned,
@@ -209,7 +216,14 @@ def token_figure(rec: Recording, sample: int, layer: int, head: int, token: int,
 
 def correlation_figure(rec: Recording, layer: int, head: int, method: str | None, pooling: str = "mean",
                        corr: str = "pearson") -> go.Figure:
-    """The L x H heatmap of the recording's CA-vs-saliency row correlation (Fisher-z mean)."""
+    """The L x H heatmap of the recording's CA-vs-saliency row correlation (Fisher-z mean); the last few kept (a
+    token switch leaves it as it is)."""
+    key = (layer, head, method, pooling, corr)
+    return lru(rec, "s2t_correlation_figure", key, lambda: _correlation_figure(rec, *key), maxsize=16)
+
+
+def _correlation_figure(rec: Recording, layer: int, head: int, method: str | None, pooling: str,
+                        corr: str) -> go.Figure:
     a = analysis(rec)
     if a is None:
         return fig_message(f"Not computed yet: run `attnviz analyze {rec.path.name}`.", height=240)
@@ -217,7 +231,7 @@ def correlation_figure(rec: Recording, layer: int, head: int, method: str | None
         return fig_message("No saliency recorded to compare with.", height=240)
     values = a.tables[(method, pooling)][f"head_{corr}"]
     return fig_correlation_grid(values, selected=(layer, head), label=f"{corr} r",
-                                title=f"CA vs {method} ({pooling}-pooled), {corr}, mean over tokens (Fisher z)")
+                                title=f"CA vs {method} ({pooling}), {corr}")
 
 
 def deletion_figure(rec: Recording, sample: int | None = None, token: int | None = None) -> go.Figure:
@@ -231,9 +245,10 @@ def deletion_figure(rec: Recording, sample: int | None = None, token: int | None
         a = analysis(rec)
         if a is None or not a.deletion_curves:
             return fig_message(f"Run `attnviz analyze {rec.path.name}` for the recording's mean curves.", height=300)
-        return fig_deletion(a.deletion_fractions, a.deletion_curves, a.deletion,
-                            title=f"Deletion curves, mean over {a.n_samples} clips' text tokens",
-                            subtitle="remove the top x% encoder frames by each explanation; lower area = more faithful")
+        return memo(rec, ("s2t_deletion_figure",), lambda: fig_deletion(
+            a.deletion_fractions, a.deletion_curves, a.deletion,
+            title=f"Deletion curves, mean over {a.n_samples} clips' text tokens",
+            subtitle="remove the top x% encoder frames by each explanation; lower area = more faithful"))
     clip = clip_data(rec, sample)
     if token is None or not 0 <= token < clip.n_rows:
         return fig_message("Select a token of the transcript.", height=300)
@@ -249,7 +264,14 @@ def deletion_figure(rec: Recording, sample: int | None = None, token: int | None
 
 def token_table(rec: Recording, sample: int, layer: int, head: int, method: str | None,
                 pooling: str = "mean") -> list[dict[str, Any]]:
-    """One row per token: text, role, p, word, reference and DTW spans, peak times, correlations."""
+    """One row per token: text, role, p, word, reference and DTW spans, peak times, correlations (the last
+    tables kept: a token switch only moves the highlighted row)."""
+    key = (sample, layer, head, method, pooling)
+    return lru(rec, "s2t_token_table", key, lambda: _token_table(rec, *key), maxsize=16)
+
+
+def _token_table(rec: Recording, sample: int, layer: int, head: int, method: str | None,
+                 pooling: str) -> list[dict[str, Any]]:
     clip = clip_data(rec, sample)
     fam = _family(rec)
     dt = float(fam.get("encoder_frame_seconds", 0.02))

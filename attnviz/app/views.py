@@ -212,7 +212,8 @@ def model_card(rec: Recording) -> list[tuple[str, str]]:
     rows += [
         ("samples", f"{rec.n_samples}" + ("" if rec.complete else f" of {rec.n_planned} (incomplete)")),
         ("accuracy", _accuracy_text(rec, acc)),
-        ("classes", f"{n_classes}: " + ", ".join(rec.class_names()[:12]) + (" …" if n_classes > 12 else "")),
+        ("classes", (f"{n_classes}: " + ", ".join(rec.class_names()[:12]) + (" …" if n_classes > 12 else ""))
+         if n_classes else "none"),
         ("attributions", ", ".join(rec.attribution_methods()) or "none"),
         ("head metrics", ", ".join(rec.head_metrics()) or "none (run `attnviz analyze`)"),
         ("recorded", rec.created),

@@ -4,6 +4,10 @@ its saliency on a shared time axis, the heads' CA-vs-saliency correlation, delet
 Time is in seconds on every x axis. A frame ``j`` of width ``dt`` covers ``[j dt, (j+1) dt)`` and is drawn at
 its centre; spectrograms are drawn as images (one PNG, not a JSON array per cell), which keeps a 30-second
 Whisper window (80 x 3000 cells) as cheap to redraw as a short clip.
+
+The figures are built from plain dicts without plotly's property validation (``_validate=False``): validating a
+clip's figure (two 1,000-point lines, dozens of word shapes and labels) cost 30-50 ms per token switch, most of
+the Speech page's budget. ``tests/figures/test_speech.py`` validates every figure these functions make.
 """
 
 from __future__ import annotations
@@ -14,15 +18,33 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from attnviz.figures import FONT, QUALITATIVE, image_data_uri, make_figure
+from attnviz.figures import FONT, QUALITATIVE, house_layout, image_data_uri
 from attnviz.figures.heads import fig_head_grid
 
-__all__ = ["colourise", "fig_clip", "fig_token_alignment", "fig_correlation_grid", "fig_deletion", "CURVE_COLOURS"]
+__all__ = ["colourise", "fig_clip", "fig_token_alignment", "fig_correlation_grid", "fig_deletion", "highlight_shape",
+           "CURVE_COLOURS", "HIGHLIGHT"]
 
 #: line colours of the explanations (cross-attention of the head, its layer, all layers; saliency)
 CURVE_COLOURS = {"head": "#e4572e", "layer mean": "#f2a541", "all-layer mean": "#3b5bdb", "saliency": "#2a9d8f",
                  "saliency (max)": "#2a9d8f", "saliency (mean)": "#2a9d8f"}
 WordSpan = tuple[str, float, float]
+#: name of the clip figure's shape that outlines the selected token's word (always its last shape)
+HIGHLIGHT = "selected"
+
+
+def _figure(data: list, layout: dict, *, title: str | None = None, subtitle: str | None = None,
+            height: int | None = None, margin: dict | None = None) -> go.Figure:
+    """A figure in the house layout, from plain dicts, unvalidated (see the module docstring)."""
+    spec = house_layout(title=title, subtitle=subtitle, height=height, margin=margin)
+    spec.update(layout)
+    return go.Figure(data=data, layout=spec, _validate=False)
+
+
+def highlight_shape(span: tuple[float, float] | None) -> dict:
+    """The outline of the selected token's word over both panels of :func:`fig_clip` (hidden without a span)."""
+    a, b = span if span is not None else (0.0, 0.0)
+    return dict(type="rect", xref="x", yref="paper", x0=a, x1=b, y0=0, y1=1, line=dict(color="#e4572e", width=2),
+                fillcolor="rgba(0,0,0,0)", name=HIGHLIGHT, visible=span is not None)
 
 
 @lru_cache(maxsize=8)
@@ -85,7 +107,8 @@ def fig_clip(envelope: np.ndarray, envelope_s: float, log_mel: np.ndarray, frame
         highlight: (start, end) of the selected token's word, outlined in red over both panels.
 
     Returns:
-        traces: 0 = waveform max, 1 = waveform min (filled to trace 0), 2 = the spectrogram image.
+        traces: 0 = waveform max, 1 = waveform min (filled to trace 0), 2 = the spectrogram image; the last
+        shape is the highlight (:func:`highlight_shape`), so that a page can move it with a patch.
     """
     env = np.asarray(envelope, np.float64)
     t = (np.arange(env.shape[1]) + 0.5) * envelope_s
@@ -96,9 +119,7 @@ def fig_clip(envelope: np.ndarray, envelope_s: float, log_mel: np.ndarray, frame
     spec = _spectrogram_trace(log_mel, frame_s, xaxis="x", yaxis="y2")
     shapes = _word_shapes(reference, yref="y domain", colour="#9ca3af", fill="rgba(156,163,175,0.18)")
     shapes += _word_shapes(aligned, yref="y2 domain", colour="#ffffff", dash="dot")
-    if highlight is not None:
-        shapes.append(dict(type="rect", xref="x", yref="paper", x0=highlight[0], x1=highlight[1], y0=0, y1=1,
-                           line=dict(color="#e4572e", width=2), fillcolor="rgba(0,0,0,0)", name="selected"))
+    shapes.append(highlight_shape(highlight))
     annotations = _word_labels(reference, yref="y domain", y=1.08, colour="#374151")
     annotations += _word_labels(aligned, yref="y2 domain", y=0.93, colour="#ffffff")
     peak = float(np.nanmax(np.abs(env))) if env.size else 1.0
@@ -111,7 +132,7 @@ def fig_clip(envelope: np.ndarray, envelope_s: float, log_mel: np.ndarray, frame
                     showgrid=False, zeroline=False, scaleanchor=False),
         shapes=shapes, annotations=annotations, hovermode=False,
     )
-    return make_figure(wave + [spec], layout, title=title, height=height, margin=dict(l=50, r=20, t=60 if title else 30, b=40))
+    return _figure(wave + [spec], layout, title=title, height=height, margin=dict(l=50, r=20, t=60 if title else 30, b=40))
 
 
 def fig_token_alignment(saliency_map: np.ndarray | None, frame_s: float, curves: Mapping[str, np.ndarray],
@@ -161,7 +182,7 @@ def fig_token_alignment(saliency_map: np.ndarray | None, frame_s: float, curves:
     if has_map:
         layout["yaxis2"] = dict(domain=[0.63, 1.0], range=[-0.5, saliency_map.shape[0] - 0.5],
                                 title=dict(text="mel bin"), showgrid=False, zeroline=False, scaleanchor=False)
-    return make_figure(data, layout, title=title, subtitle=subtitle, height=height)
+    return _figure(data, layout, title=title, subtitle=subtitle, height=height)
 
 
 def fig_correlation_grid(values: np.ndarray, *, selected: tuple[int, int] | None, label: str,
@@ -198,4 +219,4 @@ def fig_deletion(fractions: np.ndarray, curves: Mapping[str, np.ndarray], auc: M
     layout = dict(xaxis=dict(title=dict(text="encoder frames removed (%)"), range=[0, 100]),
                   yaxis=dict(title=dict(text=ylabel), rangemode="tozero"), legend=dict(font=dict(size=11)),
                   font=FONT)
-    return make_figure(data, layout, title=title, subtitle=subtitle, height=height)
+    return _figure(data, layout, title=title, subtitle=subtitle, height=height)

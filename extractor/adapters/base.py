@@ -47,6 +47,7 @@ __all__ = [
     "get_adapter",
     "load_config",
     "load_model",
+    "load_weights",
     "register_adapter",
     "resolve_model",
     "supported_architectures",
@@ -623,6 +624,31 @@ def load_model(ref: str | os.PathLike, *, family: str | None = None, device: str
             raise ModelError(f"{source.ref} is a {arch.model_class} ({arch.family} family), not a {family} model")
     options = {"image_size": image_size} if image_size is not None else {}
     return get_adapter(arch.family).load(source, config, arch, device=dev, autocast_dtype=autocast, **options)
+
+
+def load_weights(source: ModelSource, arch: ArchitectureSpec, device: torch.device) -> Any:
+    """The ``arch.model_class`` model of ``source`` from its safetensors, eager attention, in eval mode on ``device``
+    (transformers' own progress bar off: the extraction's bar follows; one is enough).
+
+    Raises:
+        ModelError: the weights cannot be loaded (one line).
+    """
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    model_cls = getattr(transformers, arch.model_class)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = model_cls.from_pretrained(source.path, attn_implementation="eager", local_files_only=True,
+                                          use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{source.ref}: cannot load {arch.model_class} weights ({_first_line(e)}); "
+                         "attnviz loads model.safetensors made by save_pretrained") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return model.eval().to(device)
 
 
 def _first_line(e: BaseException) -> str:

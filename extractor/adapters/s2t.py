@@ -51,6 +51,7 @@ from extractor.adapters.base import (
     BatchOutput,
     ModelSource,
     PreparedBatch,
+    load_weights,
     register_adapter,
 )
 from extractor.audio import AudioInput, read_audio
@@ -296,23 +297,10 @@ class WhisperAdapter(Adapter):
              autocast_dtype: torch.dtype | None, **options: Any) -> WhisperAdapter:
         """Load the model, its feature extractor and its tokenizer (options: :class:`S2TOptions`)."""
         import transformers
-        from transformers.utils import logging as hf_logging
 
         opts = S2TOptions.parse(options)
         _read_preprocessor(source)
-        model_cls = getattr(transformers, arch.model_class)
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            model = model_cls.from_pretrained(source.path, attn_implementation="eager", local_files_only=True,
-                                              use_safetensors=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ModelError(f"{source.ref}: cannot load {arch.model_class} weights ({_first_line(e)}); "
-                             "attnviz loads model.safetensors made by save_pretrained") from None
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-        model.eval().to(device)
+        model = load_weights(source, arch, device)
         try:
             fe = transformers.AutoFeatureExtractor.from_pretrained(source.path, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
@@ -326,6 +314,10 @@ class WhisperAdapter(Adapter):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelError(f"{source.ref}: cannot load the tokenizer ({_first_line(e)}); save it into the model "
                              "folder (e.g. WhisperProcessor.save_pretrained)") from None
+        # transformers builds an empty WhisperTokenizer from a folder without tokenizer files: refuse it
+        if len(tokenizer) < 0.9 * int(config.vocab_size):
+            raise ModelError(f"{source.ref}: cannot load the tokenizer (it has {len(tokenizer)} tokens, the model "
+                             f"{config.vocab_size}); save it into the model folder (e.g. WhisperProcessor.save_pretrained)")
         adapter = cls(model=model, config=config, arch=arch, source=source, device=device,
                       autocast_dtype=autocast_dtype, feature_extractor=fe, tokenizer=tokenizer, options=opts)
         adapter._check_options()

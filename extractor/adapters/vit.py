@@ -28,6 +28,7 @@ from extractor.adapters.base import (
     BatchOutput,
     ModelSource,
     PreparedBatch,
+    load_weights,
     register_adapter,
 )
 from extractor.device import autocast
@@ -96,29 +97,13 @@ class VitAdapter(Adapter):
                 multiple of the patch size, and the model must interpolate its position embeddings
                 (every row of the table but those with ``interpolation="none"``).
         """
-        import transformers
-
         if options:
             raise InputError(f"option(s) {', '.join(sorted(options))} do not apply to a vit model")
         if image_size is not None and arch.interpolation == "none":
             raise InputError(f"{arch.model_class} cannot interpolate its position embeddings: record it at its own "
                              "input size (leave out --image-size)")
 
-        from transformers.utils import logging as hf_logging
-
-        model_cls = getattr(transformers, arch.model_class)
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # our own bar follows; one is enough
-        try:
-            model = model_cls.from_pretrained(source.path, attn_implementation="eager", local_files_only=True,
-                                              use_safetensors=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ModelError(f"{source.ref}: cannot load {arch.model_class} weights ({_first_line(e)}); "
-                             "attnviz loads model.safetensors made by save_pretrained") from None
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-        model.eval().to(device)
+        model = load_weights(source, arch, device)
         processor = _load_processor(source, config, arch)
         kwargs = _size_overrides(processor, image_size) if image_size is not None else {}
         input_size = _fixed_input_size(processor, source, kwargs)

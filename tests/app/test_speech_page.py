@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ import attnviz
 from attnviz.analysis.crossattn import analyze_step, load_crossattn, pool_frames, reduce_frequency
 from attnviz.app import create_app
 from tests.app.conftest import apply_patch
+from tests.app.test_qk_page import _click, _point  # the page-agnostic click helpers
 from tests.helpers import make_recording
 from tests.helpers_s2t import SYN_ALIGNED_HEAD, make_s2t_recording
 
@@ -102,12 +101,28 @@ def test_deletion_table_wave_and_alignment(speech):
     tok = page.deletion(_sel(speech, query=1), "token")
     with attnviz.open(speech) as rec:
         np.testing.assert_allclose(tok.data[3].y, np.exp(rec.per_sample("deletion", 0)[3, :, 1]), rtol=1e-6)
-    wave = page.wave(_sel(speech, query=1))
+    wave, drawn = page.wave(_sel(speech, query=1), None)
     assert [t.type for t in wave.data] == ["scatter", "scatter", "image"]
-    assert len([s for s in wave.layout.shapes if s.name == "selected"]) == 1
-    rows = str(page.table(_sel(speech, layer=1, head=0), "perturbation", "mean"))
-    assert rows.count("Tr(") == 5  # header + 4 tokens
-    assert "1.00" in rows and "prompt" not in rows and "special" in rows
+    assert wave.layout.shapes[-1].name == "selected" and drawn == {"file": speech.name, "sample": 0,
+                                                                    "shape": len(wave.layout.shapes) - 1}
+    dtw = [s for s in wave.layout.shapes if s.line.dash == "dot"]
+    assert wave.layout.shapes[-1].x0 == dtw[1].x0 and wave.layout.shapes[-1].visible  # token 1's word, by DTW
+    # another token of the same clip: only the outline moves (a patch of that one shape)
+    moved, same = page.wave(_sel(speech, query=2), drawn)
+    assert same is no_update
+    op = moved.to_plotly_json()["operations"][0]
+    assert op["location"] == ["layout", "shapes", drawn["shape"]] and op["params"]["value"]["x0"] == dtw[2].x0
+    # another clip: drawn again
+    fig, other = page.wave(_sel(speech, sample=2, query=0), drawn)
+    assert other["sample"] == 2 and fig.layout.title.text.startswith("#2 ")
+    table = page.table(_sel(speech, layer=1, head=0, query=2), "perturbation", "mean").children.splitlines()
+    assert len(table) == 2 + 4 and "CA peak L1H0 (s)" in table[0]
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in table[2:]]
+    assert [c[0].strip("*") for c in cells] == ["0", "1", "2", "3"]
+    assert [c[2].strip("*") for c in cells] == ["text", "text", "text", "special"]
+    assert [c[9].strip("*") for c in cells[:3]] == ["1.00"] * 3  # the aligned head IS the pooled saliency
+    assert [c[0].startswith("**") for c in cells] == [False, False, True, False]  # the selected token, bold
+    assert cells[3][1] == "&lt;\\|endoftext\\|>"  # a token shown literally, not as markup
     assert "DTW" in str(page.alignment(_sel(speech)))
     assert "clips" in str(page.status(_sel(speech)))
 
@@ -150,24 +165,6 @@ def test_report_views_of_a_speech_recording(speech):
 
 
 # -- in a browser ------------------------------------------------------------------------------------------
-
-
-def _point(dash_duo: Any, graph_id: str, x: float, y: float) -> list[float]:
-    return dash_duo.driver.execute_script(f"""
-        const gd = document.querySelector('#{graph_id} .js-plotly-plot');
-        gd.scrollIntoView({{block: 'center'}});
-        const r = gd.getBoundingClientRect(), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
-        return [r.left + xa._offset + xa.l2p(arguments[0]), r.top + ya._offset + ya.l2p(arguments[1])];""", x, y)
-
-
-def _click(dash_duo: Any, xy: list[float]) -> None:
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
-
-    time.sleep(0.3)
-    ab = ActionBuilder(dash_duo.driver)
-    ab.pointer_action.move_to_location(int(round(xy[0])), int(round(xy[1])))
-    ab.pointer_action.click()
-    ab.perform()
 
 
 @pytest.mark.browser

@@ -220,3 +220,41 @@ def test_a_burst_at_t_seconds_stays_at_t_after_cropping_and_pooling(models, tmp_
         assert 0.49 <= (j + 0.5) * 0.01 <= 0.57
         k = int(pool_frames(energy[None], "max")[0].argmax())
         assert 0.48 <= (k + 0.5) * 0.02 <= 0.58 and rec.lengths(0, "cross")[1] == e == 45
+
+
+def test_a_cached_hub_id_loads_with_its_feature_extractor_and_tokenizer(models, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants as C
+
+    from extractor.adapters import load_model
+
+    repo = tmp_path / "cache" / "models--openai--whisper-tiny-test"
+    rev = "1" * 40
+    shutil.copytree(models["multilingual"], repo / "snapshots" / rev)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    adapter = load_model("openai/whisper-tiny-test", family="s2t", device="cpu")
+    assert adapter.source.from_cache and adapter.name == "s2t" and adapter.sample_rate == 16000
+    assert adapter.model_alignment_heads == ((1, 0), (1, 1)) and adapter.prompt_max == 4
+
+
+def test_a_folder_without_feature_extractor_or_tokenizer_is_one_error(models, tmp_path):
+    import shutil
+
+    from attnviz.errors import ModelError
+    from extractor.adapters import load_model
+
+    d = tmp_path / "nofe"
+    shutil.copytree(models["plain"], d)
+    (d / "preprocessor_config.json").unlink()
+    with pytest.raises(ModelError, match="no preprocessor_config.json"):
+        load_model(d, device="cpu")
+    d = tmp_path / "notok"
+    shutil.copytree(models["plain"], d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).unlink()
+    with pytest.raises(ModelError, match="cannot load the tokenizer"):
+        load_model(d, device="cpu")
