@@ -42,9 +42,11 @@ def extract(
                               "in the local Hugging Face cache (attnviz never downloads)."),
     input_path: Path = typer.Option(..., "--input", help="An image, a folder of images (recursive; class-named "
                                "subfolders give labels), or a .jsonl/.csv manifest (image, label, mask); for a "
-                               "vision-language model a manifest of questions (image, prompt, answer, mask)."),
+                               "vision-language model a manifest of questions (image, prompt, answer, mask); "
+                               "for a speech model an audio file (wav, flac, ogg), a folder of them, or a "
+                               "manifest (audio, text, words with start/end seconds)."),
     out: Path = typer.Option(..., "--out", help="The recording to write (.h5)."),
-    family: Optional[str] = typer.Option(None, "--family", help="Expected model family (vit, lvlm); default: "
+    family: Optional[str] = typer.Option(None, "--family", help="Expected model family (vit, lvlm, s2t); default: "
                                          "detected from the model's config."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="Forward precision on the GPU: float32, float16 or "
@@ -74,8 +76,10 @@ def extract(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     importance: bool = typer.Option(False, "--importance", help="Then measure pruning-based head importance on "
                                     "the same inputs (as `attnviz importance`, zero ablation)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Vision-language models: answer "
-                                                 "tokens generated at most (default 16)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generative models: tokens "
+                                                 "generated at most (vision-language default 16; speech "
+                                                 "default Whisper's budget, half the decoder context per "
+                                                 "full window, scaled to the longest clip)."),
     answer_rows_only: bool = typer.Option(False, "--answer-rows-only", help="Vision-language models: record only "
                                           "the language model's attention rows of the answer's generation steps, "
                                           "not every prompt position (a fraction of the bytes)."),
@@ -93,15 +97,35 @@ def extract(
     reinforce: Optional[float] = typer.Option(None, "--reinforce", help="Vision-language models: also answer "
                                               "with the heads whose VHD is above their layer's median scaled by "
                                               "ALPHA (VHR), storing both answers."),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Speech: beams of the decoding search (default 1: greedy)."),
+    language: Optional[str] = typer.Option(None, "--language", help="Speech, multilingual checkpoints: the language "
+                                           "of the prompt (e.g. en, german); default: detected."),
+    task: Optional[str] = typer.Option(None, "--task", help="Speech, multilingual checkpoints: transcribe or translate."),
+    stacks: Optional[str] = typer.Option(None, "--stacks", help="Speech: attention kinds to record, e.g. "
+                                         "cross,decoder_self (default: cross,self,decoder_self; cross always)."),
+    n_masks: Optional[int] = typer.Option(None, "--n-masks", help="Speech: masks per clip of the perturbation "
+                                          "saliency (default 128)."),
+    mask_batch: Optional[int] = typer.Option(None, "--mask-batch", help="Speech: masked copies per forward pass "
+                                             "(default 16)."),
+    gradient_method: Optional[str] = typer.Option(None, "--gradient-method", help="Speech: the gradient saliency: "
+                                                  "saliency (default), input_x_gradient or integrated_gradients."),
+    deletion_steps: Optional[int] = typer.Option(None, "--deletion-steps", help="Speech: deletion curves with this "
+                                                 "many steps (fractions 0, 1/N, ..., 1 of the frames removed; "
+                                                 "default 0 = none)."),
+    alignment_heads: Optional[str] = typer.Option(None, "--alignment-heads", help="Speech: decoder layer:head pairs "
+                                                  "that time the words (DTW), e.g. 1:0,1:2 (default: the model's "
+                                                  "alignment_heads, else the best heads by CA-vs-saliency)."),
 ) -> None:
     """Record every head's attention map (plus logits, thumbnails, attributions) into one HDF5 file."""
     from extractor.pipeline import ExtractOptions, extract as run_extract, parse_attributions, parse_image_size
 
     # the family's own options, only those given (a family refuses options it does not take)
-    family_options = {k: v for k, v in dict(
-        max_new_tokens=max_new_tokens, answer_rows_only=answer_rows_only or None, vhd=vhd, vhd_top_k=vhd_top_k,
-        sinks=sinks, sink_tau=sink_tau, sink_calibration=sink_calibration, reinforce=reinforce).items()
-        if v is not None}
+    given = dict(max_new_tokens=max_new_tokens, answer_rows_only=answer_rows_only or None, vhd=vhd,
+                 vhd_top_k=vhd_top_k, sinks=sinks, sink_tau=sink_tau, sink_calibration=sink_calibration,
+                 reinforce=reinforce, beam=beam, language=language, task=task, stacks=stacks, n_masks=n_masks,
+                 mask_batch=mask_batch, gradient_method=gradient_method, deletion_steps=deletion_steps,
+                 alignment_heads=alignment_heads)
+    family_options = {k: v for k, v in given.items() if v is not None}
     if importance:  # refused before a long extraction, not after it
         from extractor.adapters import detect, get_adapter, load_config, resolve_model
 
@@ -211,12 +235,17 @@ def analyze(
                                              "tokens (default: the one the recording was made with)."),
     centric_rho: float = typer.Option(0.5, "--centric-rho", help="Vision-language: visual non-sink ratio an "
                                       "image-centric head needs (Kang et al. 2025)."),
+    alignment_heads: Optional[str] = typer.Option(None, "--alignment-heads", help="Speech: decoder layer:head pairs "
+                                                  "whose cross-attention times the words by DTW, e.g. 1:0,1:2 "
+                                                  "(default: as recorded, the model's, else the best by "
+                                                  "CA-vs-saliency). See docs/speech.md."),
 ) -> None:
     """Compute derived per-head results and store them in the recording.
 
-    Always: head statistics (entropy, confidence, CLS attention), with object masks localization scores
-    (mask energy, pointing game), and for vision-language recordings image attention ratio, VHD, visual sinks
-    and image-centric heads (docs/vlm.md). Further analyses are options.
+    Always: head statistics (entropy, confidence, CLS attention) and, with object masks, localization scores
+    (mask energy, pointing game); for vision-language recordings image attention ratio, VHD, visual sinks and
+    image-centric heads (docs/vlm.md); for speech recordings the cross-attention vs saliency comparison, WER and
+    word timestamps by DTW (docs/speech.md). Further analyses are options.
     """
     # Extending: add an option above (e.g. `--spatial`) and one step below; import lazily.
     from attnviz.analysis.head_stats import compute_and_store
@@ -235,6 +264,10 @@ def analyze(
     from attnviz.analysis.lvlm import analyze_step as lvlm_step
 
     for line in lvlm_step(file, tau=sink_tau, rho=centric_rho):
+        typer.echo(f"{file}: {line}")
+    from attnviz.analysis.crossattn import analyze_step as speech_step
+
+    for line in speech_step(file, alignment_heads=alignment_heads):
         typer.echo(f"{file}: {line}")
     if patterns:
         from attnviz.analysis.patterns import analyze_step as patterns_step

@@ -649,6 +649,9 @@ def run_importance(adapter: Any, input_path: str, into: Any, options: Importance
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if adapter.input_kind != "image":
+        raise InputError(f"head importance by pruning is measured for image models; a {adapter.name} model's heads are "
+                         "ranked by cross-attention vs saliency and deletion curves instead (`attnviz analyze`)")
     pattern = adapter.arch.stack(kind).pattern("output_projection")
     sites = find_output_projections(adapter.model, pattern, n_heads=adapter.stack(kind).n_heads)
     with attnviz.open(into) as rec:

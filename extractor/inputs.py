@@ -318,7 +318,8 @@ def manifest_file(row: dict, key: str, base: Path, where: str, *, required: bool
     return path
 
 
-def _manifest_rows(path: Path) -> Iterable[tuple[int, dict]]:
+def _manifest_rows(path: Path, column: str = "image") -> Iterable[tuple[int, dict]]:
+    """(line number, row) of a JSONL/CSV manifest whose inputs are in ``column`` ("image", "audio")."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -333,11 +334,12 @@ def _manifest_rows(path: Path) -> Iterable[tuple[int, dict]]:
                 raise InputError(f"manifest {path.name} line {i}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise InputError(f"manifest {path.name} line {i}: expected a JSON object like "
-                                 '{"image": "a.png", "label": 3}')
+                                 + ('{"image": "a.png", "label": 3}' if column == "image" else
+                                    f'{{"{column}": "...", ...}}'))
             yield i, row
     else:
         reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or "image" not in [f.strip() for f in reader.fieldnames]:
-            raise InputError(f"manifest {path.name}: the CSV header must name an 'image' column")
+        if not reader.fieldnames or column not in [f.strip() for f in reader.fieldnames]:
+            raise InputError(f"manifest {path.name}: the CSV header must name an '{column}' column")
         for i, row in enumerate(reader, 2):
             yield i, {(k or "").strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}

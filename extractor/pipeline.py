@@ -36,13 +36,14 @@ from attnviz.store.merge import shard_path
 from extractor.adapters import Adapter, detect, get_adapter, load_config, resolve_model
 from extractor.adapters.base import class_names_of
 from extractor.device import resolve_device, resolve_dtype
+from extractor.audio import collect_audio
 from extractor.inputs import InputSet, collect_images
 from extractor.loading import fingerprint_differences, model_fingerprint
 from extractor.targets import TARGET_NAMES, Target
 from extractor.vqa_inputs import collect_vqa
 
 # adapter.input_kind -> function enumerating and checking the inputs of that kind
-INPUT_COLLECTORS = {"image": collect_images, "image+prompt": collect_vqa}
+INPUT_COLLECTORS = {"image": collect_images, "image+prompt": collect_vqa, "audio": collect_audio}
 
 __all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "parse_image_size",
            "resolve_compression", "format_rate", "COMPRESSIONS", "TARGETS", "DEFAULT_ATTRIBUTIONS"]
@@ -273,7 +274,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
             methods.remove("saliency")  # undefined for this target (check_methods says why); "all" means the rest
     # a backbone without a classification head has no classes: the inputs' own labels name them
     model_classes = class_names_of(config) if arch.has_classifier else None
-    inputs = INPUT_COLLECTORS[adapter_cls.input_kind](opts.input, class_names=model_classes, limit=opts.limit)
+    inputs = INPUT_COLLECTORS[adapter_cls.input_kind](opts.input, class_names=model_classes, limit=opts.limit,
+                                                      **adapter_cls.collect_options(source, config, arch))
     shard_offset = 0
     if dist is not None:  # this rank's contiguous slice; every rank enumerated the same inputs
         import dataclasses

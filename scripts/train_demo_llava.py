@@ -198,7 +198,6 @@ def make_heads(dim: int):
 
 def tower_loss(model, heads, batch):
     """Sum of the auxiliary losses on one batch and the shape accuracy."""
-    import torch
     import torch.nn.functional as F
 
     feats = tower_features(model, batch["pixels"])

@@ -3,7 +3,6 @@ issue (one ``error:`` line, exit code 2, nothing overwritten), and a real Ctrl-C
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

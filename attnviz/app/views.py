@@ -27,6 +27,7 @@ from attnviz.store.reader import Recording
 from attnviz.store.schema import TokenLayout
 
 __all__ = [
+    "no_image_note",
     "explorer_kind",
     "default_query",
     "query_cell",
@@ -44,6 +45,17 @@ __all__ = [
 ]
 
 COLOUR_BY = ("correctness", "label", "prediction")
+
+
+# -- recordings without images -----------------------------------------------------------------------
+
+def no_image_note(file: str, rec: Recording, what: str) -> str:
+    """One line for an image page opened on a recording whose inputs are not images (speech), or that has no
+    attention over an image patch grid; ``what`` names what the page would show."""
+    if rec.family == "s2t":
+        return (f"{file} is a speech-to-text recording: its inputs are audio clips, it has no image, so there is no "
+                f"{what}. Its waveform, transcript and cross-attention over time are on the Speech page.")
+    return f"{file}: this {rec.family} recording has no attention over an image patch grid, so there is no {what}."
 
 
 # -- explorer -------------------------------------------------------------------------------------
@@ -200,7 +212,8 @@ def model_card(rec: Recording) -> list[tuple[str, str]]:
     rows += [
         ("samples", f"{rec.n_samples}" + ("" if rec.complete else f" of {rec.n_planned} (incomplete)")),
         ("accuracy", _accuracy_text(rec, acc)),
-        ("classes", f"{n_classes}: " + ", ".join(rec.class_names()[:12]) + (" …" if n_classes > 12 else "")),
+        ("classes", (f"{n_classes}: " + ", ".join(rec.class_names()[:12]) + (" …" if n_classes > 12 else ""))
+         if n_classes else "none"),
         ("attributions", ", ".join(rec.attribution_methods()) or "none"),
         ("head metrics", ", ".join(rec.head_metrics()) or "none (run `attnviz analyze`)"),
         ("recorded", rec.created),
@@ -209,6 +222,8 @@ def model_card(rec: Recording) -> list[tuple[str, str]]:
 
 
 def _accuracy_text(rec: Recording, acc: float | None) -> str:
+    if rec.family == "s2t":
+        return "none: a speech model writes text; its word error rate is on the Speech page"
     if not rec.has_predictions and rec.n_samples:
         out = rec.extraction_params.get("output", "")
         return "none: the model has no classification head" + (f" (its output: the pooled embedding, {out})"

@@ -82,8 +82,11 @@ def format_description(d: dict[str, Any]) -> str:
                      + (f", {len(fp.get('processing') or {})} processing file(s)" if fp.get("processing") else ""))
     if not d.get("has_predictions", True) and d["samples"]:
         out = d.get("model_output", "logits")
-        how = f"; its output is the pooled embedding ({out})" if out != "logits" else ""
-        lines.append(f"  predictions  none: the model has no classification head{how}")
+        if out == "generated":  # s2t, lvlm: the output is text (samples/meta)
+            lines.append("  predictions  none: a generative model; its output is the text in samples/meta")
+        else:
+            how = f"; its output is the pooled embedding ({out})" if out != "logits" else ""
+            lines.append(f"  predictions  none: the model has no classification head{how}")
     for kind, s in d["stacks"].items():
         geo = f", grid {s['grid'][0]}x{s['grid'][1]}" if s["grid"] else ""
         if s["grid"] and s["patch_size"]:

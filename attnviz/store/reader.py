@@ -624,6 +624,11 @@ class Recording:
     def has_masks(self) -> bool:
         return S.D_MASK in self._f
 
+    @property
+    def has_thumbnails(self) -> bool:
+        """False for recordings of non-image inputs (a speech recording's clips have no thumbnail)."""
+        return S.D_THUMBNAIL in self._f
+
     @_reads
     def mask(self, sample: int) -> np.ndarray | None:
         """uint8 ``[h, w]`` object mask (nonzero = object), or None when the recording has none."""
@@ -663,7 +668,8 @@ class Recording:
 
     @_reads
     def attribution(self, sample: int, method: str) -> np.ndarray:
-        """float32 ``[h, w]`` at pixel or patch resolution (see :meth:`attribution_info`)."""
+        """One sample's attribution as stored: ``[h, w]`` at pixel or patch resolution; ``[token, frame, mel]``
+        ("spectrogram") or ``[token, encoder_frame]`` for speech, zero-padded (see :meth:`attribution_info`)."""
         ds = self._dataset(f"{S.G_ATTRIBUTIONS}/{method}", "attribution", self.attribution_methods())
         self._check_sample(sample)
         return ds[sample]
@@ -673,7 +679,7 @@ class Recording:
         return S.AttributionSpec(name=method, shape=tuple(ds.shape[1:]),
                                  resolution=_str(ds.attrs.get(S.ATTR_RESOLUTION, "pixel")),
                                  target=_str(ds.attrs.get(S.ATTR_TARGET, "predicted")),
-                                 description=_str(ds.attrs.get(S.ATTR_DESCRIPTION, "")))
+                                 description=_str(ds.attrs.get(S.ATTR_DESCRIPTION, "")), dtype=str(ds.dtype))
 
     # -- per-sample arrays (family-specific: input features, per-token statistics) ----------
 

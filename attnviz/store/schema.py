@@ -38,8 +38,9 @@ HDF5_LIBVER_LOW = "v110"
 COMPRESSIONS = ("lzf", "gzip", "none")
 # Root attribute target_source: what accuracy-type metrics treat as the truth.
 TARGET_SOURCES = ("label", "prediction")
-# attributions/<name> attribute resolution.
-RESOLUTIONS = ("pixel", "patch")
+# attributions/<name> attribute resolution: image attributions per pixel or per patch; speech saliency
+# per (token, feature frame, mel bin) of the input spectrogram or per (token, encoder frame).
+RESOLUTIONS = ("pixel", "patch", "spectrogram", "encoder_frame")
 
 # Families and the attention kinds each records. The first kind listed for a family is the one
 # `Recording.attention(...)` uses by default when the caller names none.
@@ -280,10 +281,15 @@ class AttributionSpec:
 
     Attributes:
         name: registry name, e.g. "saliency", "integrated_gradients", "occlusion", "rollout".
-        shape: per-sample shape, (height, width) at pixel or patch resolution.
-        resolution: "pixel" (model input pixels) or "patch" (the patch grid).
-        target: "predicted" or "label": which class the attribution explains.
+        shape: per-sample shape, (height, width) at pixel or patch resolution; (token, frame, mel) for
+            "spectrogram", (token, encoder_frame) for "encoder_frame" (the largest one for variable sizes:
+            smaller rows are zero-padded).
+        resolution: "pixel" (model input pixels), "patch" (the patch grid), "spectrogram" (a speech model's
+            input features) or "encoder_frame" (a speech encoder's output frames).
+        target: what the attribution explains: "predicted" or "label" (a class), a backbone's embedding
+            target, or a speech model's per-token target ("token_logprob", "token_distribution").
         description: one line: the method, its library, its parameters.
+        dtype: stored dtype, "float32" (default) or "float16" (large speech saliency).
     """
 
     name: str
@@ -291,6 +297,7 @@ class AttributionSpec:
     resolution: str
     target: str = "predicted"
     description: str = ""
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)

@@ -276,6 +276,8 @@ class RecordingWriter:
         for spec in attributions:
             if spec.resolution not in S.RESOLUTIONS:
                 raise InputError(f"attribution {spec.name!r}: resolution must be one of {', '.join(S.RESOLUTIONS)}")
+            if spec.dtype not in ("float32", "float16"):
+                raise InputError(f"attribution {spec.name!r}: dtype must be float32 or float16, got {spec.dtype!r}")
         if family in S.THUMBNAIL_FAMILIES and thumbnail_shape is None:
             raise InputError(f"a {family} recording needs thumbnails (thumbnail_shape)")
         lab = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
@@ -385,7 +387,7 @@ class RecordingWriter:
                                      chunks=(1, 1, 1, t, d), **comp)
                 g.create_dataset(S.QK_POSITIONS, shape=(n, t), dtype=np.int32, fillvalue=-1)
         for spec in attributions:
-            d = f.create_dataset(f"{S.G_ATTRIBUTIONS}/{spec.name}", shape=(n, *spec.shape), dtype=np.float32,
+            d = f.create_dataset(f"{S.G_ATTRIBUTIONS}/{spec.name}", shape=(n, *spec.shape), dtype=np.dtype(spec.dtype),
                                  chunks=(1, *spec.shape), **comp)
             d.attrs[S.ATTR_RESOLUTION] = spec.resolution
             d.attrs[S.ATTR_TARGET] = spec.target
@@ -611,7 +613,10 @@ class RecordingWriter:
         for name, values in b.attributions.items():
             if name not in self._attr_shape:
                 raise ValueError(f"attribution {name!r} was not declared when the file was created")
-            rows(f"attribution {name!r}", values, self._attr_shape[name])
+            rows(f"attribution {name!r}", values)
+            shape, full = np.shape(values), self._attr_shape[name]
+            if len(shape) != 1 + len(full) or any(a > b for a, b in zip(shape[1:], full)):
+                raise ValueError(f"attribution {name!r}: per-sample shape {tuple(shape[1:])}, the file has {full}")
 
     def _write_now(self, b: SampleBatch) -> None:
         if self._broken:
@@ -661,15 +666,9 @@ class RecordingWriter:
         if b.meta is not None and S.D_META in f:
             f[S.D_META][sl] = np.array([S.dumps(m) for m in b.meta], dtype=object)
         for name, values in b.attributions.items():
-            f[f"{S.G_ATTRIBUTIONS}/{name}"][sl] = np.asarray(values, np.float32)
+            _write_padded(f[f"{S.G_ATTRIBUTIONS}/{name}"], sl, values)
         for name, values in b.per_sample.items():
-            ds = f[f"{S.G_PER_SAMPLE}/{name}"]
-            values = np.asarray(values)
-            if values.shape[1:] != ds.shape[1:]:  # zero-padded to the declared size: whole chunks
-                padded = np.zeros((b.size, *ds.shape[1:]), ds.dtype)
-                padded[(slice(None), *(slice(0, m) for m in values.shape[1:]))] = values
-                values = padded
-            ds[sl] = values.astype(ds.dtype, copy=False)
+            _write_padded(f[f"{S.G_PER_SAMPLE}/{name}"], sl, values)
         for kind, (pos, q, k) in b.qk.items():
             f[S.qk_path(kind, S.QK_POSITIONS)][sl] = np.asarray(pos, np.int32)
             f[S.qk_path(kind, S.QUERIES)][sl] = np.asarray(q).astype(np.float16, copy=False)
@@ -757,6 +756,15 @@ def _per_sample_bytes(h5: h5py.File) -> int:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+def _write_padded(ds: h5py.Dataset, sl: slice, values: Any) -> None:
+    """Write a batch of per-sample rows; rows smaller than the declared per-sample shape are zero-padded
+    here, so that every chunk is written whole."""
+    values = np.asarray(values)
+    if values.shape[1:] != ds.shape[1:]:
+        padded = np.zeros((values.shape[0], *ds.shape[1:]), ds.dtype)
+        padded[(slice(None), *(slice(0, m) for m in values.shape[1:]))] = values
+        values = padded
+    ds[sl] = values.astype(ds.dtype, copy=False)
 
 
 def _compression(name: str) -> dict[str, Any]:

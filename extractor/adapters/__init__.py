@@ -34,6 +34,7 @@ from extractor.adapters.base import (
 # each import registers one adapter
 from extractor.adapters import vit as _vit  # noqa: E402,F401  isort:skip
 from extractor.adapters import lvlm as _lvlm  # noqa: E402,F401  isort:skip
+from extractor.adapters import s2t as _s2t  # noqa: E402,F401  isort:skip
 
 __all__ = [
     "ARCHITECTURES",

@@ -104,7 +104,7 @@ class ArchitectureSpec:
     Attributes:
         model_class: the ``transformers`` class name (as in ``config.architectures``).
         model_type: ``config.model_type``.
-        family: the adapter that handles it ("vit").
+        family: the adapter that handles it ("vit", "s2t").
         stacks: where each attention stack is (:class:`StackModules`).
         prefix_tokens: names of the tokens before the patches, in sequence order.
         register_tokens_from: config attribute holding a number of register tokens that follow
@@ -190,6 +190,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _IMAGENET = dict(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+# Whisper (s2t): encoder self-attention, decoder self-attention and cross-attention (`encoder_attn`) per layer
+_WHISPER_STACKS = (
+    StackModules("cross", r"model\.decoder\.layers\.(\d+)", attention="encoder_attn", query="encoder_attn.q_proj",
+                 key="encoder_attn.k_proj", value="encoder_attn.v_proj", output_projection="encoder_attn.out_proj"),
+    StackModules("self", r"model\.encoder\.layers\.(\d+)", **_CLIP_ATTENTION),
+    StackModules("decoder_self", r"model\.decoder\.layers\.(\d+)", **_CLIP_ATTENTION),
+)
 
 #: Every supported model class. transformers 5 module paths (checked with ``named_modules()``).
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
@@ -233,6 +240,9 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec("LlavaForConditionalGeneration", "llava", "lvlm", (_LLAVA_LM_LAYERS, _LLAVA_VISION_LAYERS), (),
                      vision_config="vision_config", default_for_type=True, output="generated",
                      interpolation="none", image_mean=CLIP_MEAN, image_std=CLIP_STD),
+    # speech-to-text: its output is the text it generates (samples/meta)
+    ArchitectureSpec("WhisperForConditionalGeneration", "whisper", "s2t", _WHISPER_STACKS, output="generated",
+                     interpolation="none", default_for_type=True),
 )
 
 
@@ -438,6 +448,18 @@ class Adapter(ABC):
         """Token layout of the first stack (what attributions and rollout use)."""
         return self.stacks()[0].layout
 
+    @classmethod
+    def collect_options(cls, source: ModelSource, config: Any, arch: ArchitectureSpec) -> dict[str, Any]:
+        """Keyword arguments for this family's input collector that follow from the model's config
+        (s2t: the sample rate and the longest clip the model's window holds), so that inputs the model
+        cannot take are skipped before anything is loaded; none by default."""
+        return {}
+
+    def extra_params(self) -> dict[str, Any]:
+        """Facts of this family's recording stored in the extraction parameters under ``"family"``
+        (JSON-able: frame durations, the model's own alignment heads, ...); none by default."""
+        return {}
+
     def plan(self, items: Sequence[Any]) -> None:
         """Called once with every input before the recording is laid out, so that a family whose
         sequence lengths depend on the inputs (audio duration, prompt length) can size its stacks
@@ -493,11 +515,6 @@ class Adapter(ABC):
     def per_sample_specs(self) -> list[PerSampleSpec]:
         """The family's per-sample arrays besides the maps (``per_sample/<name>``); none by default."""
         return []
-
-    def extra_params(self) -> dict[str, Any]:
-        """Facts of this family's recording stored in the extraction parameters under ``"family"``
-        (JSON-able: frame durations, the model's own alignment heads, ...); none by default."""
-        return {}
 
     def after_recording(self, path: Any) -> list[str]:
         """Family analyses run on the finished recording (after the basic head statistics), e.g. the lvlm

@@ -98,15 +98,13 @@ class VitAdapter(Adapter):
         """
         import transformers
 
+        from extractor.loading import load_pretrained
+
         if options:
             raise InputError(f"option(s) {', '.join(sorted(options))} do not apply to a vit model")
         if image_size is not None and arch.interpolation == "none":
             raise InputError(f"{arch.model_class} cannot interpolate its position embeddings: record it at its own "
                              "input size (leave out --image-size)")
-
-
-        from extractor.loading import load_pretrained
-
         model = load_pretrained(getattr(transformers, arch.model_class), source.path, source.ref,
                                 attn_implementation="eager")
         model.eval().to(device)

@@ -1,8 +1,10 @@
 """Feature attributions recorded beside the attention maps: a registry of methods.
 
 >>> from extractor import attributions as A
->>> A.available()
+>>> A.available("image")
 ['saliency', 'integrated_gradients', 'occlusion', 'rollout']
+>>> A.available("audio")
+['gradient', 'perturbation', 'encoder_perturbation']
 >>> A.spec("rollout", layout=layout, target="predicted")          # doctest: +SKIP
 >>> A.compute("saliency", forward=f, pixel_values=px, targets=t,   # doctest: +SKIP
 ...           attentions=maps, layout=layout)                       # float32 [batch, h, w]
@@ -31,5 +33,9 @@ from extractor.attributions import saliency as _saliency  # noqa: E402,F401  iso
 from extractor.attributions import integrated_gradients as _integrated_gradients  # noqa: E402,F401  isort:skip
 from extractor.attributions import occlusion as _occlusion  # noqa: E402,F401  isort:skip
 from extractor.attributions import rollout as _rollout  # noqa: E402,F401  isort:skip
+# audio (speech-to-text) methods
+from extractor.attributions import gradient as _gradient  # noqa: E402,F401  isort:skip
+from extractor.attributions import spectrogram_perturbation as _perturbation  # noqa: E402,F401  isort:skip
+from extractor.attributions import encoder_perturbation as _encoder_perturbation  # noqa: E402,F401  isort:skip
 
 __all__ = ["AttributionMethod", "RESOLUTIONS", "TARGETS", "available", "compute", "get", "register", "spec"]

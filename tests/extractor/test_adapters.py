@@ -167,7 +167,9 @@ def test_processor_built_from_config_without_torchvision_warning(tmp_path, caplo
 
 
 def test_family_mismatch_and_bad_device(model_dirs):
-    with pytest.raises(InputError, match="unknown model family 's2t'"):
+    with pytest.raises(InputError, match="unknown model family 'tts'"):
+        load_model(model_dirs["vit"], family="tts", device="cpu")
+    with pytest.raises(ModelError, match=r"is a ViTForImageClassification \(vit family\), not a s2t model"):
         load_model(model_dirs["vit"], family="s2t", device="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):

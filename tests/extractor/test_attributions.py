@@ -50,7 +50,7 @@ def run(name, model, batch, **params):
 
 
 def test_registry_names_and_entries():
-    assert A.available() == METHODS
+    assert A.available("image") == METHODS
     assert {A.get(n).resolution for n in METHODS} == {"pixel", "patch"}
     assert A.get("rollout").resolution == "patch" and not A.get("rollout").needs_grad
     assert A.get("saliency").needs_grad and A.get("integrated_gradients").needs_grad

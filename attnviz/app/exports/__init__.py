@@ -33,7 +33,7 @@ from attnviz.store.reader import Recording
 __all__ = ["ReportView", "VIEWS", "VIEW_MODULES", "register_view", "load_views", "ViewResult"]
 
 #: Modules (in this package) whose import registers views, in page order.
-VIEW_MODULES: tuple[str, ...] = ("overview", "importance", "spatial", "patterns", "qk", "vlm")
+VIEW_MODULES: tuple[str, ...] = ("overview", "importance", "spatial", "patterns", "qk", "speech", "vlm")
 
 ViewResult = Any  # go.Figure | list[tuple[str, go.Figure]] | None
 

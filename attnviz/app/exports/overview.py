@@ -36,6 +36,8 @@ def _model_card(rec: Recording, sample: int | None) -> ViewResult:
 def _inputs(rec: Recording, sample: int | None) -> ViewResult:
     from attnviz.app.views import thumbnail_page
 
+    if not rec.has_thumbnails:  # audio inputs: the speech views show the clips
+        return None
     return thumbnail_page(rec, colour_by="correctness", per_page=160, cols=16,
                           title=f"Inputs: first {min(rec.n_samples, 160)} of {rec.n_samples}").figure
 

@@ -17,6 +17,7 @@ from attnviz.app.views import (
     cls_overlay,
     explorer_kind,
     head_multiples,
+    no_image_note,
     query_of_cell,
     query_overlay,
     token_matrix,
@@ -75,7 +76,7 @@ def _resolve(data: Any):
         return sel, None, None, problem
     kind = _kind(rec)
     if kind is None:
-        return sel, None, None, f"{sel.file}: the explorer shows image patches; this {rec.family} recording has none."
+        return sel, None, None, no_image_note(sel.file, rec, "image patch to explore")
     sel, rec, problem = resolve(data, kind)
     return sel, rec, kind, problem
 

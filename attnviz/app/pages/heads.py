@@ -49,7 +49,11 @@ PAGE_METRICS = (*A.METRIC_DEFINITIONS, "entropy", "confidence")
 DEFAULT_PAIR = ("accuracy_drop", "gradient_importance")
 
 
-def _howto(file: str) -> str:
+def _howto(file: str, family: str = "vit") -> str:
+    if family == "s2t":
+        return (f"Head importance by pruning is not measured for speech recordings ({file}); there, heads are ranked by "
+                "how well their cross-attention agrees with saliency (ca_saliency_pearson, after `attnviz analyze`) "
+                "and by deletion curves, on the Speech page.")
     return (f"No head importance stored in {file} yet: run `attnviz importance --model MODEL --input IMAGES "
             f"--into {file}` (or record with `attnviz extract ... --importance`).")
 
@@ -139,7 +143,7 @@ def status(data: Any):
         return message(problem, "error")
     c = curves(rec)
     if c is None:
-        return message(_howto(sel.file), "warning")
+        return message(_howto(sel.file, rec.family), "warning")
     text = (f"Measured on {c.n_samples} input(s), {c.ablation} ablation (a head's output at the input of the "
             f"output projection set to {'zero' if c.ablation == 'zero' else 'its mean over the inputs'}); "
             f"unablated {A.accuracy_name(c.target_source)} {c.base_accuracy:.1%}, loss {c.base_loss:.3f} nats. "
@@ -208,7 +212,7 @@ def comparison(data: Any, x: str | None, y: str | None):
         return fig_message(problem), fig_message(problem)
     names = page_metrics(rec)
     if not any(m in A.METRIC_DEFINITIONS for m in names):
-        msg = _howto(sel.file)
+        msg = _howto(sel.file, rec.family)
         return fig_message(msg), fig_message(msg)
     if x not in names or y not in names:
         return fig_message("Choose two metrics."), no_update
@@ -235,7 +239,7 @@ def pruning(data: Any, metric: str | None):
         return fig_message(problem)
     c = curves(rec)
     if c is None:
-        return fig_message(_howto(sel.file))
+        return fig_message(_howto(sel.file, rec.family))
     rb = c.random
     n_layers, n_heads = c.partial_accuracy.shape[:2]
     y = A.accuracy_name(c.target_source)
@@ -254,7 +258,7 @@ def partial(data: Any):
         return fig_message(problem)
     c = curves(rec)
     if c is None:
-        return fig_message(_howto(sel.file))
+        return fig_message(_howto(sel.file, rec.family))
     if c.partial_accuracy.shape[:2] != rec.stack_shape():
         return fig_message("The stored partial-pruning results do not match this recording's heads.")
     l, h = sel.layer, sel.head

@@ -11,7 +11,7 @@ from dash import Input, Output, callback, dcc, html, no_update
 from attnviz.app import ids
 from attnviz.app.components import HeadGrid, graph, message
 from attnviz.app.selection import patch, resolve
-from attnviz.app.views import COLOUR_BY, model_card, thumbnail_page
+from attnviz.app.views import COLOUR_BY, model_card, no_image_note, thumbnail_page
 from attnviz.figures import fig_message, image_data_uri
 
 dash.register_page(__name__, path="/", name="Overview", order=0, title="attnviz - overview")
@@ -81,6 +81,8 @@ def thumbs(data: Any, colour_by: str, classes: list[int] | None, correctness: st
     sel, rec, problem = resolve(data)
     if problem:
         return fig_message(problem), "", 1
+    if not rec.has_thumbnails:
+        return fig_message(no_image_note(sel.file, rec, "thumbnail to show"), height=220), "", 1
     colour_by = colour_by if colour_by in COLOUR_BY else "correctness"
     p = thumbnail_page(rec, colour_by=colour_by, classes=classes or None, correctness=correctness or "all",
                        page=(page or 1) - 1, per_page=PER_PAGE, cols=COLS, selected=sel.sample)
@@ -110,6 +112,15 @@ def sample_card(data: Any):
     if problem:
         return message(problem, "error")
     s = sel.sample
+    if not rec.has_thumbnails:
+        meta = rec.meta(s)
+        rows = [html.Dt("sample"), html.Dd(f"#{s}  {rec.sample_ids()[s]}")]
+        if "text" in meta:
+            rows += [html.Dt("transcript"), html.Dd(meta["text"] or "(nothing)")]
+        if meta.get("reference") is not None:
+            rows += [html.Dt("reference"), html.Dd(meta["reference"])]
+        return html.Div([message(no_image_note(sel.file, rec, "image to show"), "info"),
+                         html.Dl(rows, className="av-kv"), dcc.Link("open the Speech page →", href="/speech")])
     names = rec.class_names()
     lab, pred = int(rec.labels()[s]), int(rec.predictions()[s])
     name = lambda c: names[c] if 0 <= c < len(names) else "—"  # noqa: E731

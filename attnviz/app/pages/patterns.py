@@ -31,6 +31,7 @@ from attnviz.app import ids
 from attnviz.app.components import graph, message, triggered_id
 from attnviz.app.data import memo
 from attnviz.app.selection import Selection, patch, resolve
+from attnviz.app.views import no_image_note
 from attnviz.errors import InputError
 from attnviz.figures import fig_message
 from attnviz.figures.patterns import (
@@ -170,6 +171,8 @@ def _resolve(data: Any) -> tuple[Selection, Recording | None, PatternAtlas | Non
         try:
             pattern_kind(rec, None)
         except InputError as e:
+            if rec.family == "s2t":
+                return sel, None, None, no_image_note(sel.file, rec, "pattern atlas of image attention maps")
             return sel, None, None, f"{sel.file}: {e}"
         return sel, None, None, _howto(sel.file)
     return sel.clamp(rec, atlas.kind), rec, atlas, None

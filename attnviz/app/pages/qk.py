@@ -17,7 +17,7 @@ from attnviz.app import ids
 from attnviz.app.components import graph, message, user_triggered
 from attnviz.app.data import memo
 from attnviz.app.selection import patch, resolve
-from attnviz.app.views import query_overlay
+from attnviz.app.views import no_image_note, query_overlay
 from attnviz.figures import fig_message
 from attnviz.figures.qk import QK_COLOUR_BY, clicked_panel, clicked_token, fig_qk_multiples, fig_qk_scatter
 from attnviz.store.reader import Recording
@@ -39,6 +39,8 @@ _ABOUT = ("Each token of the sampled images gives two points: its query (circle)
 
 
 def _howto(file: str, rec: Recording) -> str:
+    if rec.family == "s2t":
+        return no_image_note(file, rec, "query-key view of image tokens")
     if not any(rec.has_qk(k) for k in rec.kinds()):
         return (f"{file} stores no query/key vectors. Record with `attnviz extract ... --store-qk 0.25` (a quarter "
                 f"of each image's tokens; 1 = all), then run `attnviz analyze {file} --qk`.")

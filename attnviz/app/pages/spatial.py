@@ -29,6 +29,7 @@ from attnviz.app import ids
 from attnviz.app.components import HeadGrid, graph, message
 from attnviz.app.data import memo
 from attnviz.app.selection import Selection, patch, resolve
+from attnviz.app.views import no_image_note
 from attnviz.figures import fig_message
 from attnviz.figures.localization import fig_localization, fig_localization_by_layer
 from attnviz.figures.spatial import (
@@ -156,8 +157,7 @@ def _resolve(data: Any) -> tuple[Selection, Recording | None, str | None, str | 
         return sel, None, None, problem
     kind = memo(rec, ("spatial_kind",), lambda: default_spatial_kind(rec))
     if kind is None:
-        return sel, None, None, (f"{sel.file}: no attention with a patch grid ({', '.join(rec.kinds())}); "
-                                 "spatial profiles need patches.")
+        return sel, None, None, no_image_note(sel.file, rec, "spatial attention profile (it needs image patches)")
     sel, rec, problem = resolve(data, kind)
     return sel, rec, kind, problem
 
