@@ -101,15 +101,15 @@ def test_click_head_then_patch_updates_the_map(dash_duo, rec_path):
 
     thumb = dash_duo.find_element("#explorer-head [role=slider]")
     assert thumb.get_attribute("aria-valuenow") == "2"
-    # the slider may re-render just after the page change and drop the key press: press again only while
-    # the thumb still shows head 2 (one step left is head 1 either way)
-    for _ in range(5):
-        thumb = dash_duo.find_element("#explorer-head [role=slider]")
-        if thumb.get_attribute("aria-valuenow") != "2":
-            break
-        dash_duo.driver.execute_script("arguments[0].focus();", thumb)
-        thumb.send_keys(Keys.ARROW_LEFT)
-        time.sleep(1.0)
+    # the page's own callbacks settle first: a key press while a selection -> slider update is still in
+    # flight would be overwritten by it (on a loaded machine that takes seconds)
+    from dash.testing.wait import until
+
+    until(lambda: dash_duo.redux_state_rqs == [], timeout=60, poll=0.3)
+    time.sleep(0.5)
+    thumb = dash_duo.find_element("#explorer-head [role=slider]")
+    dash_duo.driver.execute_script("arguments[0].focus();", thumb)
+    thumb.send_keys(Keys.ARROW_LEFT)
     _wait_title(dash_duo, "explorer-overlay", "L1 H1: query patch (2, 1)")
     logs = dash_duo.get_logs()
     assert logs == [], "\n".join(l["message"][:300] for l in logs)
