@@ -496,7 +496,11 @@ def main(argv=None) -> dict:
     if args.resume:
         if ckpt_path is None or not ckpt_path.exists():
             sys.exit(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # no arbitrary pickle: tensors, plain containers and the numpy RNG state's array only
+        from numpy._core.multiarray import _reconstruct
+
+        with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]):
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck["fingerprint"] != fingerprint:
             diff = sorted(k for k in set(ck["fingerprint"]) | set(fingerprint)
                           if ck["fingerprint"].get(k) != fingerprint.get(k))
@@ -610,8 +614,9 @@ def main(argv=None) -> dict:
         "seconds": round(train_seconds, 1),
         "seconds_note": "training loop only (all epochs, summed over resumed runs); data generation and "
                         "the final measurement add about a minute",
-        "command": "python scripts/train_demo_vit.py" + (" " + " ".join(argv) if argv else
-                                                         (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")),
+        # the command that rebuilds this model (a resumed run gives the same result as an uninterrupted one)
+        "command": "python scripts/train_demo_vit.py" + "".join(
+            " " + a for a in (argv if argv else sys.argv[1:]) if a != "--resume"),
         "seeds": {"torch": args.seed, "train_images": TRAIN_SEED, "test_images": TEST_SEED,
                   "demo_recording_images": DEMO_SEED},
         "data": {"generator": "scripts/shapes.py:make_shapes", "n_train": args.n_train, "n_test": args.n_test,
