@@ -1,11 +1,13 @@
 """Deterministic procedural "shapes" image dataset for the attnviz demo model.
 
 Every image shows one *target* shape (circle, square, triangle, cross or ring) with a jittered,
-textured colour fill at a random position, size and rotation, on a textured noisy background
-(stripes, checkerboard, smooth colour noise or a gradient, plus pixel noise). Optionally a few
-small *distractor* shapes of random kinds are drawn first (the target is always drawn last, on
-top, and is always the largest object). The label is the kind of the target shape, and the
-object mask marks the target's visible pixels.
+textured colour fill at a random position, size (circumradius 20-34% of the image side, 13-22 px
+at 64: 3-6 patches of 8 px across) and rotation, on a textured noisy background (stripes,
+checkerboard, smooth colour noise or a gradient, plus pixel noise). Optionally a few small
+*distractor* shapes of random kinds (25-40% of the target's size) are drawn first, placed clear of
+the target and of each other; the target is drawn last and is always the largest object. The
+label is the kind of the target shape, and the object mask marks the target's pixels (all of them
+visible: nothing overlaps the target).
 
 The colours carry no class information, so the class can only be read from the outline of the
 target, which spans several 8x8 patches: a model has to combine neighbouring patches.
@@ -33,6 +35,11 @@ CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring")
 #: Seeds of the three disjoint splits used for the demo model and its recording.
 TRAIN_SEED, TEST_SEED, DEMO_SEED = 0, 1, 2
 
+#: Target circumradius range as a fraction of the image side, and distractor size relative to the target.
+TARGET_RADIUS: tuple[float, float] = (0.20, 0.34)
+DISTRACTOR_SCALE: tuple[float, float] = (0.25, 0.40)
+
+_TRIES = 8  # candidate positions per distractor
 _CHUNK = 1024  # images per vectorised block (bounds peak memory at ~ _CHUNK * size^2 * 60 B)
 
 
@@ -161,7 +168,7 @@ def _random_colours(rng: np.random.Generator, m: int, saturated: bool) -> np.nda
 
 
 def _make_chunk(rng: np.random.Generator, m: int, size: int, n_distractors: int,
-                min_radius: float, max_radius: float) -> tuple[np.ndarray, ...]:
+                min_radius: float, max_radius: float, distractor_scale: tuple[float, float]) -> tuple[np.ndarray, ...]:
     """One vectorised block; see ``make_shapes``."""
     # background: two muted colours mixed by a texture, plus smooth colour noise
     tex = _texture(rng, m, size)[..., None]
@@ -169,23 +176,38 @@ def _make_chunk(rng: np.random.Generator, m: int, size: int, n_distractors: int,
     img = c0[:, None, None, :] * (1 - tex) + c1[:, None, None, :] * tex
     img += (_smooth_noise(rng, m, size, 4, 3) - 0.5) * 0.3
 
-    ndis = rng.integers(0, n_distractors + 1, m) if n_distractors > 0 else np.zeros(m, np.int64)
+    # the target first (it is drawn last, on top), so that distractors can be kept clear of it
     radius = rng.uniform(min_radius, max_radius, m).astype(np.float32)
-    for d in range(n_distractors):
-        active = ndis > d
-        k = rng.integers(0, len(CLASS_NAMES), m)
-        rd = (radius * rng.uniform(0.3, 0.5, m)).astype(np.float32)
-        cx = rng.uniform(rd, size - rd)
-        cy = rng.uniform(rd, size - rd)
-        mk = _shape_masks(k, cx, cy, rd, rng.uniform(0, 2 * np.pi, m), size) & active[:, None, None]
-        col = _random_colours(rng, m, True)
-        img = np.where(mk[..., None], col[:, None, None, :], img)
-
     labels = rng.integers(0, len(CLASS_NAMES), m)
     margin = radius * 0.9
     cx = rng.uniform(margin, size - margin).astype(np.float32)
     cy = rng.uniform(margin, size - margin).astype(np.float32)
     theta = rng.uniform(0, 2 * np.pi, m)
+
+    ndis = rng.integers(0, n_distractors + 1, m) if n_distractors > 0 else np.zeros(m, np.int64)
+    placed: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = [(cx, cy, radius, np.ones(m, bool))]
+    lo_s, hi_s = distractor_scale
+    for d in range(n_distractors):
+        k = rng.integers(0, len(CLASS_NAMES), m)
+        rd = (radius * rng.uniform(lo_s, hi_s, m)).astype(np.float32)
+        # up to _TRIES candidate centres per image; keep the first whose circumcircle (plus a 2-px gap)
+        # is clear of the target and of the distractors placed so far; no free spot: no distractor
+        ux = rng.uniform(0, 1, (_TRIES, m))
+        uy = rng.uniform(0, 1, (_TRIES, m))
+        ox = rd + ux * (size - 2 * rd)
+        oy = rd + uy * (size - 2 * rd)
+        free = np.ones((_TRIES, m), bool)
+        for px, py, pr, pa in placed:
+            free &= ~pa | ((ox - px) ** 2 + (oy - py) ** 2 >= (pr + rd + 2.0) ** 2)
+        first = np.argmax(free, axis=0)
+        rows = np.arange(m)
+        ok = free[first, rows] & (ndis > d)
+        dx, dy = ox[first, rows].astype(np.float32), oy[first, rows].astype(np.float32)
+        mk = _shape_masks(k, dx, dy, rd, rng.uniform(0, 2 * np.pi, m), size) & ok[:, None, None]
+        col = _random_colours(rng, m, True)
+        img = np.where(mk[..., None], col[:, None, None, :], img)
+        placed.append((dx, dy, rd, ok))
+
     mask = _shape_masks(labels, cx, cy, radius, theta, size)
     # textured fill: object colour modulated by its own stripes/noise texture
     ftex = _texture(rng, m, size)[..., None]
@@ -200,7 +222,8 @@ def _make_chunk(rng: np.random.Generator, m: int, size: int, n_distractors: int,
 
 
 def make_shapes(n: int, seed: int, size: int = 64, n_distractors: int = 2,
-                min_radius: float | None = None, max_radius: float | None = None) -> ShapesData:
+                min_radius: float | None = None, max_radius: float | None = None,
+                distractor_scale: tuple[float, float] = DISTRACTOR_SCALE) -> ShapesData:
     """Make ``n`` images deterministically from ``seed``.
 
     Args:
@@ -209,8 +232,11 @@ def make_shapes(n: int, seed: int, size: int = 64, n_distractors: int = 2,
             gives the same arrays. Different seeds give independent images.
         size: image side in pixels.
         n_distractors: at most this many small distractor shapes (uniform 0..n_distractors per
-            image), each 30-50% of the target's size. 0 gives one object per image.
-        min_radius, max_radius: target circumradius range in pixels; default 12%-30% of ``size``.
+            image) of random kinds, placed clear of the target and of each other (an image where
+            no free spot is found gets fewer). 0 gives one object per image.
+        min_radius, max_radius: target circumradius range in pixels; default
+            ``TARGET_RADIUS`` = 20%-34% of ``size`` (13-22 px at 64: the target spans 3-6 patches of 8 px).
+        distractor_scale: distractor circumradius as a fraction of the target's, uniform in this range.
 
     Returns:
         ShapesData with images uint8 (n, size, size, 3), labels int64 (n,), masks bool
@@ -218,8 +244,8 @@ def make_shapes(n: int, seed: int, size: int = 64, n_distractors: int = 2,
     """
     if n < 0:
         raise ValueError("n must be >= 0")
-    lo = 0.12 * size if min_radius is None else float(min_radius)
-    hi = 0.30 * size if max_radius is None else float(max_radius)
+    lo = TARGET_RADIUS[0] * size if min_radius is None else float(min_radius)
+    hi = TARGET_RADIUS[1] * size if max_radius is None else float(max_radius)
     # one independent stream per chunk so the result does not depend on memory limits
     seq = np.random.SeedSequence(seed)
     n_chunks = max(1, -(-n // _CHUNK))
@@ -229,7 +255,8 @@ def make_shapes(n: int, seed: int, size: int = 64, n_distractors: int = 2,
         m = min(_CHUNK, n - i * _CHUNK)
         if m <= 0:
             break
-        parts.append(_make_chunk(np.random.default_rng(streams[i]), m, size, n_distractors, lo, hi))
+        parts.append(_make_chunk(np.random.default_rng(streams[i]), m, size, n_distractors, lo, hi,
+                                 (float(distractor_scale[0]), float(distractor_scale[1]))))
     if not parts:
         parts = [(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64),
                   np.zeros((0, size, size), bool), np.zeros((0, 2), np.float32), np.zeros(0, np.float32))]
