@@ -148,6 +148,9 @@ class VitAdapter(Adapter):
         if any(it.mask is not None for it in items):
             masks = np.stack([self._mask(it) for it in items])
         labels = np.array([it.label for it in items], np.int32)
+        if self.device.type == "cuda":
+            # page-locked in the preparing thread, so that run()'s non_blocking copy to the GPU is asynchronous
+            px = px.pin_memory()
         return PreparedBatch(inputs={"pixel_values": px}, labels=labels, thumbnails=thumbs, masks=masks)
 
     def run(self, batch: PreparedBatch) -> BatchOutput:
