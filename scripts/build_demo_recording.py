@@ -3,10 +3,13 @@
 Makes ``--n`` images with :func:`shapes.make_shapes` and the demo seed (``DEMO_SEED`` = 2, disjoint
 from training seed 0 and test seed 1; see ``scripts/README.md``), writes them with their object
 masks as PNG files and a JSONL manifest (class-name labels) into a temporary folder, and runs the
-real ``attnviz extract`` pipeline over that manifest with every attribution method. Deterministic:
-the same arguments rebuild the same datasets (only the ``created`` attribute differs).
+real ``attnviz extract`` pipeline over that manifest with every attribution method and a quarter of
+every head's query/key vectors (``--store-qk 0.25``), then ``attnviz importance`` and ``attnviz analyze
+--patterns --qk`` (head statistics, localization scores, spatial profiles, the pattern atlas, the joint
+query-key embedding), so that every page of the dashboard has its data. Deterministic: the same
+arguments rebuild the same datasets (only the ``created`` attribute and timings differ).
 
-    python scripts/build_demo_recording.py                  # 200 images -> sample_data/shapes-demo.h5
+    python scripts/build_demo_recording.py                  # 96 images -> sample_data/shapes-demo.h5
     attnviz info sample_data/shapes-demo.h5
 """
 
@@ -51,12 +54,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / "sample_data" / "models" / "shapes-vit")
     ap.add_argument("--out", type=Path, default=ROOT / "sample_data" / "shapes-demo.h5")
-    ap.add_argument("--n", type=int, default=200, help="held-out images to record")
+    ap.add_argument("--n", type=int, default=96, help="held-out images to record")
     ap.add_argument("--seed", type=int, default=DEMO_SEED)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--compression", default="gzip", help="gzip: the smallest file for the repository")
     ap.add_argument("--attributions", default="all")
-    ap.add_argument("--max-maps", type=int, default=8000, help="maps sampled for the pattern atlas (its cache holds their reconstructions: keep sample_data small)")
+    ap.add_argument("--max-maps", type=int, default=4000, help="maps sampled for the pattern atlas (its cache holds their reconstructions: keep sample_data small)")
+    ap.add_argument("--store-qk", type=float, default=0.25, help="fraction of tokens whose query/key vectors are stored")
+    ap.add_argument("--qk-points", type=int, default=600, help="tokens per head in the query-key embedding")
+    ap.add_argument("--clusters", default="6", help="pattern-atlas clusters: the silhouette alone picks 2 on this "
+                    "model (maps on CLS vs the rest); 6 separates the local offsets, far offsets and broad maps")
     args = ap.parse_args()
 
     import torch
@@ -70,13 +77,14 @@ def main() -> None:
         manifest = write_inputs(Path(tmp), args.n, args.seed, int(size))
         result = extract(ExtractOptions(model=str(args.model), input=str(manifest), out=str(args.out), device="cpu",
                                         batch_size=args.batch_size, attributions=parse_attributions(args.attributions),
-                                        compression=args.compression, overwrite=True))
+                                        compression=args.compression, store_qk=args.store_qk, overwrite=True))
         # every page of the dashboard has its data: head importance (needs the model and the inputs),
         # then spatial profiles and the pattern atlas (from the recorded maps)
         attnviz = [sys.executable, "-m", "attnviz"]
         subprocess.run([*attnviz, "importance", "--model", str(args.model), "--input", str(manifest),
                         "--into", str(args.out), "--device", "cpu", "--force"], check=True)
-    subprocess.run([*attnviz, "analyze", str(args.out), "--patterns", "--max-maps", str(args.max_maps)], check=True)
+    subprocess.run([*attnviz, "analyze", str(args.out), "--patterns", "--max-maps", str(args.max_maps),
+                    "--clusters", args.clusters, "--qk", "--qk-points", str(args.qk_points)], check=True)
     total = sum(p.stat().st_size for p in (ROOT / "sample_data").rglob("*") if p.is_file())
     print(f"wrote {result.path}: {result.n_samples} images, accuracy {result.accuracy:.1%}, "
           f"{result.path.stat().st_size / 2**20:.1f} MB; sample_data/ now {total / 2**20:.1f} MB "
