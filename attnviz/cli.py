@@ -269,7 +269,12 @@ def analyze(
     from attnviz.analysis.head_stats import compute_and_store
 
     stats = compute_and_store(file, max_samples=max_samples)
-    typer.echo(f"{file}: head statistics {', '.join(stats.as_dict())} from {stats.n_samples} sample(s)")
+    import attnviz
+
+    with attnviz.open(file) as rec:
+        store = rec.store
+    how = "" if store == "full" else f" (from the per-sample statistics kept by --store {store})"
+    typer.echo(f"{file}: head statistics {', '.join(stats.as_dict())} from {stats.n_samples} sample(s){how}")
     if spatial:
         from attnviz.analysis.spatial import analyze_step
 
