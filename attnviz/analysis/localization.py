@@ -222,7 +222,7 @@ def localization_refusal(rec: Recording, kind: str | None = None) -> str | None:
     query, which needs full maps; a summary keeps no rows."""
     kind = _kind(rec, kind)
     allowed = (STORE_FULL, STORE_ROWS) if kind is not None and rec.layout(kind).n_prefix else (STORE_FULL,)
-    return store_refusal(rec, "localization scores" + ("" if STORE_ROWS in allowed else " (without a CLS token)"),
+    return store_refusal(rec, "the localization analysis" + ("" if STORE_ROWS in allowed else " (without a CLS token)"),
                          allowed)
 
 

@@ -599,7 +599,7 @@ def _checked_batches(rec: Recording, kind: str, geom: PatchGeometry, samples: np
 
 
 def _refuse_without_maps(rec: Recording) -> None:
-    problem = store_refusal(rec, "spatial profiles")
+    problem = store_refusal(rec, "the spatial-profile analysis")
     if problem:
         raise RecordingError(f"{rec.path}: {problem}")
 
@@ -751,7 +751,7 @@ def analyze_step(path: str | os.PathLike, *, batch_size: int = 8, show_bar: bool
     with Recording(path) as rec:
         kinds = spatial_kinds(rec)
         n = rec.n_samples
-        problem = store_refusal(rec, "spatial profiles")
+        problem = store_refusal(rec, "the spatial-profile analysis")
     if not kinds:
         return ["spatial profiles skipped: no attention with a patch grid"]
     if problem:

@@ -181,7 +181,7 @@ def image_profiles(rec: Recording, kind: str, sample: int) -> SpatialProfiles:
 
 
 def _missing(sel: Selection, rec: Recording | None = None) -> str:
-    problem = None if rec is None else store_refusal(rec, "the spatial profiles")
+    problem = None if rec is None else store_refusal(rec, "the spatial-profile view")
     if problem:
         return f"{sel.file}: {problem}."
     return (f"No spatial profiles stored in {sel.file} yet: run `attnviz analyze {sel.file}` to compute them "
