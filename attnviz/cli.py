@@ -70,6 +70,15 @@ def extract(
     compression: str = typer.Option("auto", "--compression", help="HDF5 compression: auto (lzf on a GPU run, "
                                     "none on the CPU, where lzf costs CPU time and attention maps hardly "
                                     "compress), lzf, gzip (smaller, slower) or none."),
+    store: str = typer.Option("full", "--store", help="What to keep of the attention maps (image models): full "
+                              "(every map), rows (every head's rows of the prefix tokens and of --store-rows "
+                              "query patches per image, drawn at random, seeded by the image's index) or summary "
+                              "(no maps: per-head statistics, predictions, thumbnails, attributions only). "
+                              "Views that need whole maps say so."),
+    store_rows: int = typer.Option(16, "--store-rows", help="--store rows: query patches per image whose rows are "
+                                   "kept besides the prefix rows (CLS, registers); all of them when fewer."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything, time one batch and print the "
+                                 "estimated file size (uncompressed and with --compression) and time; write nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (<out>.partial) with the "
                                 "same options."),
@@ -116,7 +125,9 @@ def extract(
                                                   "that time the words (DTW), e.g. 1:0,1:2 (default: the model's "
                                                   "alignment_heads, else the best heads by CA-vs-saliency)."),
 ) -> None:
-    """Record every head's attention map (plus logits, thumbnails, attributions) into one HDF5 file."""
+    """Record every head's attention map (plus logits, thumbnails, attributions) into one HDF5 file.
+
+    --store rows|summary keeps less of the maps (image models); --dry-run estimates size and time only."""
     from extractor.pipeline import ExtractOptions, extract as run_extract, parse_attributions, parse_image_size
 
     # the family's own options, only those given (a family refuses options it does not take)
@@ -136,9 +147,16 @@ def extract(
     opts = ExtractOptions(model=model, input=str(input_path), out=str(out), family=family, device=device, dtype=dtype,
                           batch_size=batch_size, limit=limit, attributions=parse_attributions(attributions),
                           target=target, image_size=parse_image_size(image_size), store_qk=store_qk,
-                          family_options=family_options, compression=compression,
-                          overwrite=overwrite, resume=resume, progress=progress)
+                          family_options=family_options, compression=compression, store=store,
+                          store_rows=store_rows, dry_run=dry_run, overwrite=overwrite, resume=resume,
+                          progress=progress)
     result = run_extract(opts)
+    if dry_run:
+        for line in result.lines():
+            typer.echo(line)
+        if importance:
+            typer.echo("dry run: --importance not estimated (it runs after the extraction)")
+        return
     imp = None
     if importance:
         from extractor.importance import ImportanceOptions, run_importance
@@ -251,7 +269,12 @@ def analyze(
     from attnviz.analysis.head_stats import compute_and_store
 
     stats = compute_and_store(file, max_samples=max_samples)
-    typer.echo(f"{file}: head statistics {', '.join(stats.as_dict())} from {stats.n_samples} sample(s)")
+    import attnviz
+
+    with attnviz.open(file) as rec:
+        store = rec.store
+    how = "" if store == "full" else f" (from the per-sample statistics kept by --store {store})"
+    typer.echo(f"{file}: head statistics {', '.join(stats.as_dict())} from {stats.n_samples} sample(s){how}")
     if spatial:
         from attnviz.analysis.spatial import analyze_step
 

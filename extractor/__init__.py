@@ -16,6 +16,7 @@ from typing import Any
 __all__ = [
     "ExtractOptions",
     "ExtractResult",
+    "DryRunEstimate",
     "extract",
     "get_adapter",
     "detect",
@@ -26,6 +27,7 @@ __all__ = [
 _LAZY = {
     "ExtractOptions": "extractor.pipeline",
     "ExtractResult": "extractor.pipeline",
+    "DryRunEstimate": "extractor.pipeline",
     "extract": "extractor.pipeline",
     "get_adapter": "extractor.adapters",
     "detect": "extractor.adapters",

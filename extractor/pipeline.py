@@ -46,7 +46,8 @@ from extractor.vqa_inputs import collect_vqa
 INPUT_COLLECTORS = {"image": collect_images, "image+prompt": collect_vqa, "audio": collect_audio}
 
 __all__ = ["ExtractOptions", "ExtractResult", "extract", "parse_attributions", "parse_image_size",
-           "resolve_compression", "format_rate", "COMPRESSIONS", "TARGETS", "DEFAULT_ATTRIBUTIONS"]
+           "resolve_compression", "format_rate", "COMPRESSIONS", "TARGETS", "DEFAULT_ATTRIBUTIONS", "DryRunEstimate",
+           "STORE_MODES", "DEFAULT_STORE_ROWS", "query_rows"]
 
 COMPRESSIONS = ("auto", "lzf", "gzip", "none")
 TARGETS = TARGET_NAMES
@@ -57,9 +58,20 @@ DEFAULT_ATTRIBUTIONS = ("rollout", "saliency")
 #: ``--attributions all``: every method of the model's input kind
 ALL_ATTRIBUTIONS = "all"
 # parameters that change what is recorded: a resumed run must use the same ones
-_RESUME_KEYS = ("model_class", "attributions", "target", "dtype", "image_size", "store_qk", "family_options")
+_RESUME_KEYS = ("model_class", "attributions", "target", "dtype", "image_size", "store_qk", "family_options", "store",
+                "store_rows")
+#: what a resumable key means when a partial file (written before the key existed) lacks it
+_RESUME_DEFAULTS = {"store": "full", "store_rows": None}
 #: seeds the per-sample choice of token positions whose query/key vectors are stored
 QK_SEED = 20231105
+#: ``--store``: what is kept of the attention maps (docs/extract.md)
+STORE_MODES = ("full", "rows", "summary")
+#: ``--store-rows``: query patches per sample whose rows ``--store rows`` keeps (besides the prefix rows)
+DEFAULT_STORE_ROWS = 16
+#: seeds the per-sample choice of query patches whose rows ``--store rows`` keeps
+ROWS_SEED = 20240613
+#: families whose stacks ``--store rows|summary`` can record (fixed-length patch stacks)
+STORE_FAMILIES = ("vit",)
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,10 @@ class ExtractOptions:
             for the joint query-key view; 0 = none, 1 = every position.
         compression: "auto" | "lzf" | "gzip" | "none"; "auto" = lzf when the model runs on a GPU, none
             on the CPU (see :func:`resolve_compression`).
+        store: "full" (every map), "rows" (the prefix rows and ``store_rows`` sampled query patches of every map,
+            :func:`query_rows`) or "summary" (no maps: per-head statistics only); image models only.
+        store_rows: query patches per sample ``store="rows"`` keeps (all of them when the image has fewer).
+        dry_run: estimate the file size and the time, write nothing (:class:`DryRunEstimate`).
         overwrite / resume: replace an existing output / continue an interrupted one.
         progress: show a progress bar on stderr.
     """
@@ -106,6 +122,9 @@ class ExtractOptions:
     store_qk: float = 0.0
     family_options: dict[str, Any] = field(default_factory=dict)
     compression: str = "auto"
+    store: str = "full"
+    store_rows: int = DEFAULT_STORE_ROWS
+    dry_run: bool = False
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
@@ -211,8 +230,11 @@ def resolve_compression(name: str, device: torch.device) -> str:
     return "lzf" if device.type == "cuda" else "none"
 
 
-def extract(opts: ExtractOptions) -> ExtractResult:
+def extract(opts: ExtractOptions) -> ExtractResult | DryRunEstimate:
     """Record attention maps (and logits, thumbnails, masks, attributions) of every input.
+
+    Returns:
+        :class:`ExtractResult`, or with ``opts.dry_run`` a :class:`DryRunEstimate` (nothing written).
 
     Raises:
         InputError / ModelError: user mistakes, before anything is written or overwritten.
@@ -229,6 +251,10 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         raise InputError(f"--target must name a target, got {opts.target!r}")
     if not 0.0 <= float(opts.store_qk) <= 1.0:
         raise InputError(f"--store-qk must be a fraction of the tokens in (0, 1] (or 0 for none), got {opts.store_qk}")
+    if opts.store not in STORE_MODES:
+        raise InputError(f"--store must be one of {', '.join(STORE_MODES)}, got {opts.store!r}")
+    if int(opts.store_rows) < 1:
+        raise InputError(f"--store-rows must be at least 1 query patch per image, got {opts.store_rows}")
     if opts.image_size is not None and (len(opts.image_size) != 2 or min(opts.image_size) < 1):
         raise InputError(f"--image-size must be a positive height x width, got {opts.image_size}")
     if opts.family is not None:
@@ -238,7 +264,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     out = final_out if dist is None else shard_path(final_out, dist.rank, dist.world_size)
     if dist is not None and dist.rank == 0 and not opts.resume:
         check_output_path(final_out, overwrite=opts.overwrite, resume=False)
-    check_output_path(out, overwrite=opts.overwrite, resume=opts.resume)
+    check_output_path(out, overwrite=opts.overwrite, resume=opts.resume, probe=not opts.dry_run)
     device = resolve_device(opts.device)
     if dist is not None and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank % max(torch.cuda.device_count(), 1))
@@ -256,6 +282,9 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     if opts.family is not None and arch.family != opts.family:
         raise ModelError(f"{source.ref} is a {arch.model_class} ({arch.family} family), not a {opts.family} model")
     adapter_cls = get_adapter(arch.family)
+    if opts.store != "full" and adapter_cls.name not in STORE_FAMILIES:
+        raise InputError(f"--store {opts.store} is implemented for image models (the {', '.join(STORE_FAMILIES)} "
+                         f"family); a {adapter_cls.name} model records its full maps: leave --store out")
     # the weights are checked (and identified) before anything slow: a damaged file is one line now
     fingerprint = model_fingerprint(source.path, config, arch.model_class)
     if opts.store_qk and not adapter_cls.supports_qk:
@@ -308,7 +337,32 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         "store_qk": float(opts.store_qk), "family_options": dict(opts.family_options),
         "dtype": opts.dtype, "device": device.type, "batch_size": opts.batch_size,
         "compression": compression, "torch": torch.__version__, "family": adapter.extra_params(),
+        "store": opts.store, "store_rows": int(opts.store_rows) if opts.store == "rows" else None,
+        "rows_seed": ROWS_SEED if opts.store == "rows" else None,
     }
+    stacks = _with_rows(_with_qk(adapter, opts.store_qk), opts.store, opts.store_rows)
+    per_sample = adapter.per_sample_specs()
+    if opts.store != "full":  # each sample's own head statistics: recomputable without the maps
+        from attnviz.analysis.head_stats import per_sample_specs
+
+        main = stacks[0]
+        per_sample = [*per_sample, *per_sample_specs(main.n_layers, main.n_heads, main.layout.n_prefix)]
+    create_args = dict(
+        family=adapter.name, model_name=adapter.model_name, model_class=adapter.model_class,
+        sample_ids=inputs.ids, stacks=stacks,
+        class_names=adapter.class_names if adapter.has_classifier else list(inputs.class_names),
+        labels=np.array([it.label for it in inputs.items], np.int32),
+        thumbnail_shape=adapter.thumbnail_size,
+        mask_shape=adapter.thumbnail_size if inputs.has_masks else None,
+        attributions=specs, batch_size=opts.batch_size, compression=compression,
+        model_config=adapter.config_dict(), extraction_params=params,
+        target_source="label" if inputs.has_labels else "prediction",
+        skipped=inputs.skipped, with_meta=adapter.writes_meta, per_sample=per_sample,
+        model_fingerprint=fingerprint, store=opts.store,
+        shard=None if dist is None else (dist.rank, dist.world_size, shard_offset),
+    )
+    if opts.dry_run:
+        return _dry_run(adapter, inputs, create_args, methods, target, opts, compression)
     if opts.resume:
         writer = RecordingWriter.resume(out, sample_ids=inputs.ids)
         stored_fp = writer.model_fingerprint
@@ -320,25 +374,16 @@ def extract(opts: ExtractOptions) -> ExtractResult:
                                  "resume with the model that made it, or start again with --overwrite")
         stored = writer.params
         for key in _RESUME_KEYS:
-            if key in stored and stored[key] != params[key]:
+            if key not in stored and key not in _RESUME_DEFAULTS:
+                continue
+            was = stored.get(key, _RESUME_DEFAULTS.get(key))
+            if was != params[key]:
                 writer.close()
-                raise InputError(f"{partial_path(out)} was recorded with {key}={stored[key]!r}, this run has "
+                option = {"store": "--store", "store_rows": "--store-rows"}.get(key, key)
+                raise InputError(f"{partial_path(out)} was recorded with {option}={was!r}, this run has "
                                  f"{params[key]!r}; resume with the same options or use --overwrite")
     else:
-        writer = RecordingWriter.create(
-            out, family=adapter.name, model_name=adapter.model_name, model_class=adapter.model_class,
-            sample_ids=inputs.ids, stacks=_with_qk(adapter, opts.store_qk),
-            class_names=adapter.class_names if adapter.has_classifier else list(inputs.class_names),
-            labels=np.array([it.label for it in inputs.items], np.int32),
-            thumbnail_shape=adapter.thumbnail_size,
-            mask_shape=adapter.thumbnail_size if inputs.has_masks else None,
-            attributions=specs, batch_size=opts.batch_size, compression=compression,
-            model_config=adapter.config_dict(), extraction_params=params,
-            target_source="label" if inputs.has_labels else "prediction",
-            skipped=inputs.skipped, with_meta=adapter.writes_meta, per_sample=adapter.per_sample_specs(),
-            model_fingerprint=fingerprint, overwrite=opts.overwrite,
-            shard=None if dist is None else (dist.rank, dist.world_size, shard_offset),
-        )
+        writer = RecordingWriter.create(out, overwrite=opts.overwrite, **create_args)
 
     # 4. the loop
     todo = writer.pending_batches()
@@ -349,6 +394,11 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     main_stack = adapter.stacks()[0]
     stats = None if opts.resume else HeadStatsAccumulator(main_stack.kind, main_stack.n_layers, main_stack.n_heads,
                                                            main_stack.layout.n_prefix)
+    if stats is None and opts.store != "full":
+        # the per-sample statistics of the batches still to do must be computed (the file has no maps to read
+        # them back from); the means are recomputed from the file's per-sample rows after the loop
+        stats = HeadStatsAccumulator(main_stack.kind, main_stack.n_layers, main_stack.n_heads,
+                                     main_stack.layout.n_prefix)
     try:
         _run_batches(adapter, inputs, writer, todo, methods, target, opts, stats)
     except BaseException as e:
@@ -363,7 +413,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
 
     # 5. basic per-head statistics, so the dashboard has them without `attnviz analyze`
     t1 = time.perf_counter()
-    _store_head_stats(path, stats)
+    _store_head_stats(path, None if opts.resume else stats)
     _family_analyses(adapter, path)
     stats_seconds = time.perf_counter() - t1
 
@@ -483,6 +533,42 @@ def qk_positions(sample: int, n_tokens: int, n_prefix: int, n_keep: int) -> np.n
     return np.sort(np.concatenate([np.arange(n_prefix), rest])).astype(np.int64)
 
 
+def _with_rows(stacks: list[Any], store: str, store_rows: int) -> list[Any]:
+    """The stacks, each with room for ``--store rows``' query rows (its prefix rows + ``store_rows`` patches)."""
+    import dataclasses
+
+    if store != "rows":
+        return stacks
+    return [dataclasses.replace(st, rows=row_count(st.max_query, st.layout.n_prefix, store_rows)) for st in stacks]
+
+
+def row_count(n_tokens: int, n_prefix: int, store_rows: int) -> int:
+    """Query rows per sample ``--store rows`` keeps: every prefix row plus ``store_rows`` of the others (all of
+    them when there are fewer)."""
+    return n_prefix + min(int(store_rows), n_tokens - n_prefix)
+
+
+def query_rows(sample: int, n_tokens: int, n_prefix: int, n_rows: int) -> np.ndarray:
+    """The sorted query positions of ``sample`` whose rows ``--store rows`` keeps: the prefix tokens (CLS,
+    registers), then ``n_rows - n_prefix`` query patches drawn without replacement, uniformly, by
+    ``numpy.random.default_rng([ROWS_SEED, sample])`` (so the same image index always gets the same rows, and a
+    resumed run draws what the interrupted one would have)."""
+    if n_rows >= n_tokens:
+        return np.arange(n_tokens, dtype=np.int64)
+    rng = np.random.default_rng([ROWS_SEED, int(sample)])
+    rest = n_prefix + rng.choice(n_tokens - n_prefix, n_rows - n_prefix, replace=False)
+    return np.sort(np.concatenate([np.arange(n_prefix), rest])).astype(np.int64)
+
+
+def select_rows(maps: np.ndarray, start: int, n_prefix: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's stored rows: maps float ``[b, layer, head, query_pos, key_pos]`` of samples ``start ..`` ->
+    (positions int32 ``[b, row]``, rows float16 ``[b, layer, head, row, key_pos]``), the rows exactly as in the maps."""
+    b, n_tokens = maps.shape[0], maps.shape[-2]
+    pos = np.stack([query_rows(start + j, n_tokens, n_prefix, n_rows) for j in range(b)])
+    rows = np.stack([maps[j][:, :, pos[j], :] for j in range(b)]).astype(np.float16, copy=False)
+    return pos.astype(np.int32), rows
+
+
 def _qk_capture(adapter: Adapter, kind: str) -> Any:
     """Context capturing one forward's query and key projections: yields (queries, keys) dicts layer ->
     ``[batch, seq, head, head_dim]``."""
@@ -528,9 +614,9 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
     n_todo = sum(stop - start for start, stop in todo)
     bar = _progress(total=len(items), initial=len(items) - n_todo, enabled=opts.progress,
                     unit="img" if adapter.input_noun == "image" else adapter.input_noun)
-    main_kind, layout = adapter.stacks()[0].kind, adapter.main_layout
-    n_columns = writer.n_logit_columns
-    n_keep_qk = writer.qk_tokens(main_kind)
+    main_kind = adapter.stacks()[0].kind
+    shape = _BatchShape(n_columns=writer.n_logit_columns, n_keep_qk=writer.qk_tokens(main_kind),
+                        n_rows=writer.rows_per_sample(main_kind), store=opts.store)
     # one thread reads and preprocesses the next batch while the model runs this one; another one adds the
     # batch's maps to the per-head statistics (numpy releases the GIL) while the next forward runs
     stats_done: Future[Any] | None = None
@@ -541,37 +627,153 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
             assert pending is not None
             batch = pending.result()
             pending = pool.submit(adapter.prepare, items[todo[i + 1][0]:todo[i + 1][1]]) if i + 1 < len(todo) else None
-            qk: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-            with torch.no_grad():
-                if n_keep_qk:
-                    with _qk_capture(adapter, main_kind) as captured:
-                        out = adapter.run(batch)
-                    qk[main_kind] = _select_qk(captured, start, layout.n_prefix, n_keep_qk)
-                else:
-                    out = adapter.run(batch)
-            # one device-to-host copy per kind and batch
-            maps = {kind: m.cpu().numpy() for kind, m in out.attention.items()}
-            b = stop - start
-            if out.logits is not None:
-                logits = out.logits.detach().cpu().numpy().astype(np.float32, copy=False)
-                predictions = logits.argmax(axis=1).astype(np.int32)
-            else:  # no classes to score (a backbone, a generative model): the file format's NaN
-                logits = np.full((b, n_columns), np.nan, np.float32)
-                predictions = np.full(b, -1, np.int32)
-            if out.predictions is not None:  # the family defines its own (generative models)
-                predictions = np.asarray(out.predictions, np.int32)
-            if stats is not None:
+            sample_batch, main_maps, main_lengths = _record_batch(adapter, batch, start, stop, methods, target, shape,
+                                                                  stats)
+            if stats is not None and opts.store == "full":
                 if stats_done is not None:
                     stats_done.result()  # one batch at a time: bounded memory, and errors surface here
-                stats_done = stats_pool.submit(stats.add, maps[main_kind], out.lengths.get(main_kind))
-            attributions = adapter.attribute(methods, batch, out, target, predictions)
-            writer.write(SampleBatch(start=start, attention=maps, predictions=predictions, logits=logits,
-                                     lengths=out.lengths, labels=batch.labels, thumbnails=batch.thumbnails,
-                                     masks=batch.masks, attributions=attributions, qk=qk, meta=out.meta,
-                                     per_sample=out.per_sample))
+                stats_done = stats_pool.submit(stats.add, main_maps, main_lengths)
+            writer.write(sample_batch)
             bar.update(stop - start)
         if stats_done is not None:
             stats_done.result()
+
+
+@dataclass(frozen=True)
+class _BatchShape:
+    """What one recorded batch holds besides the model's outputs (from the file being written)."""
+
+    n_columns: int
+    n_keep_qk: int = 0
+    n_rows: int = 0
+    store: str = "full"
+
+
+def _record_batch(adapter: Adapter, batch: Any, start: int, stop: int, methods: list[str], target: Target,
+                  shape: _BatchShape, stats: HeadStatsAccumulator | None) -> tuple[SampleBatch, np.ndarray, Any]:
+    """One forward (and attributions) of a prepared batch -> what the writer stores, with the main stack's maps
+    ``[b, layer, head, query_pos, key_pos]`` and lengths. Without full maps (``--store rows|summary``) the
+    batch's per-sample head statistics are computed here (``stats``), since the file cannot give them back."""
+    main_kind, layout = adapter.stacks()[0].kind, adapter.main_layout
+    qk: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    with torch.no_grad():
+        if shape.n_keep_qk:
+            with _qk_capture(adapter, main_kind) as captured:
+                out = adapter.run(batch)
+            qk[main_kind] = _select_qk(captured, start, layout.n_prefix, shape.n_keep_qk)
+        else:
+            out = adapter.run(batch)
+    # one device-to-host copy per kind and batch
+    maps = {kind: m.cpu().numpy() for kind, m in out.attention.items()}
+    b = stop - start
+    if out.logits is not None:
+        logits = out.logits.detach().cpu().numpy().astype(np.float32, copy=False)
+        predictions = logits.argmax(axis=1).astype(np.int32)
+    else:  # no classes to score (a backbone, a generative model): the file format's NaN
+        logits = np.full((b, shape.n_columns), np.nan, np.float32)
+        predictions = np.full(b, -1, np.int32)
+    if out.predictions is not None:  # the family defines its own (generative models)
+        predictions = np.asarray(out.predictions, np.int32)
+    per_sample = dict(out.per_sample)
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    lengths = out.lengths
+    if shape.store != "full":
+        from attnviz.analysis.head_stats import per_sample_values
+
+        assert stats is not None
+        per_sample.update(per_sample_values(stats.add(maps[main_kind], out.lengths.get(main_kind)), layout.n_prefix))
+        if shape.store == "rows":
+            rows[main_kind] = select_rows(maps[main_kind], start, layout.n_prefix, shape.n_rows)
+        lengths = {kind: np.asarray(out.lengths[kind]) if kind in out.lengths else
+                   np.tile(np.array([m.shape[-2:]], np.int32), (b, 1)) for kind, m in maps.items()}
+    attributions = adapter.attribute(methods, batch, out, target, predictions)
+    sample_batch = SampleBatch(start=start, attention=maps if shape.store == "full" else {}, predictions=predictions,
+                               logits=logits, lengths=lengths, labels=batch.labels, thumbnails=batch.thumbnails,
+                               masks=batch.masks, attributions=attributions, qk=qk, meta=out.meta,
+                               per_sample=per_sample, rows=rows)
+    return sample_batch, maps[main_kind], out.lengths.get(main_kind)
+
+
+@dataclass(frozen=True)
+class DryRunEstimate:
+    """What ``attnviz extract --dry-run`` found: the recording's size and time, nothing written.
+
+    Attributes:
+        n_samples: inputs that would be recorded; n_batches: forward batches.
+        store: the store mode; compression: the resolved HDF5 filter.
+        bytes_uncompressed: the file without compression, from :func:`attnviz.store.writer.estimate_size`: the
+            layout of this run made in memory as the writer makes it on disk, the first batch's real data
+            written into it, what it grew by per sample x the samples, plus the head metrics.
+        bytes_compressed: the same with the chosen filter on that real data (equal for ``none``).
+        batch_seconds: wall time of the first batch (preprocessing, forward, attributions); it includes the
+            warm-up of the first forward, and excludes writing and the head statistics at the end.
+        seconds: ``batch_seconds`` x ``n_batches``: a rough estimate of the per-batch loop.
+    """
+
+    n_samples: int
+    n_batches: int
+    batch_size: int
+    store: str
+    compression: str
+    bytes_uncompressed: int
+    bytes_compressed: int
+    batch_seconds: float
+    seconds: float
+
+    def lines(self) -> list[str]:
+        """The report ``--dry-run`` prints."""
+        comp = ("the same: no compression" if self.compression == "none" else
+                f"about {_size(self.bytes_compressed)} with {self.compression}")
+        return [
+            f"dry run: {self.n_samples} input(s) in {self.n_batches} batch(es) of {self.batch_size}, --store {self.store}; "
+            "nothing written",
+            f"estimated file size: {_size(self.bytes_uncompressed)} uncompressed; {comp} (the file laid out in memory "
+            "as this run would write it, the first batch written into it, its growth per image x the images)",
+            f"estimated time: {_duration(self.seconds)} for the batches ({_duration(self.batch_seconds)} measured for the "
+            "first batch: preprocessing, forward, attributions; x the number of batches; the first forward includes "
+            "warm-up, writing and the head statistics at the end are not included)",
+        ]
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _dry_run(adapter: Adapter, inputs: InputSet, create_args: dict[str, Any], methods: list[str], target: Target,
+             opts: ExtractOptions, compression: str) -> DryRunEstimate:
+    """Time the first batch and lay the file out in memory (:func:`attnviz.store.writer.estimate_size`)."""
+    from attnviz.store.writer import estimate_size
+
+    n = len(inputs.items)
+    first = min(opts.batch_size, n)
+    main = create_args["stacks"][0]
+    stats = HeadStatsAccumulator(main.kind, main.n_layers, main.n_heads, main.layout.n_prefix)
+    shape = _BatchShape(n_columns=max(len(create_args["class_names"]), 1), n_keep_qk=main.qk_tokens, n_rows=main.rows,
+                        store=opts.store)
+    t0 = time.perf_counter()
+    batch = adapter.prepare(inputs.items[:first])
+    sample_batch, main_maps, main_lengths = _record_batch(adapter, batch, 0, first, methods, target, shape, stats)
+    if opts.store == "full":
+        stats.add(main_maps, main_lengths)
+    batch_seconds = time.perf_counter() - t0
+    from attnviz.analysis.head_stats import write_head_stats
+
+    uncompressed, compressed = estimate_size(sample_batch, lambda f: write_head_stats(f, stats.result()), **create_args)
+    n_batches = -(-n // opts.batch_size)
+    return DryRunEstimate(n_samples=n, n_batches=n_batches, batch_size=opts.batch_size, store=opts.store,
+                          compression=compression, bytes_uncompressed=uncompressed, bytes_compressed=compressed,
+                          batch_seconds=batch_seconds, seconds=batch_seconds * n_batches)
 
 
 def _progress(*, total: int, initial: int, enabled: bool, unit: str = "img") -> Any:

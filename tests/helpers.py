@@ -33,12 +33,18 @@ def make_recording(
     with_masks: bool = True,
     seed: int = 0,
     compression: str = "lzf",
+    store: str = "full",
+    store_rows: int = 4,
 ) -> Path:
     """Write a complete synthetic ViT recording through :class:`RecordingWriter`.
 
     ``maps_fn(sample)`` may return float ``[layer, head, tokens, tokens]``; default random softmax maps.
-    Labels are ``i % 3``, predictions equal labels except sample 1 (one error).
+    Labels are ``i % 3``, predictions equal labels except sample 1 (one error). ``store="rows"`` keeps the
+    prefix rows and ``store_rows`` query patches per sample (drawn by ``default_rng(sample)``), ``"summary"``
+    no maps; both keep per-sample head statistics and the head metrics, as ``attnviz extract --store`` does.
     """
+    from attnviz.analysis.head_stats import HeadStatsAccumulator, per_sample_specs, per_sample_values, write_head_stats
+
     rng = np.random.default_rng(seed)
     gh, gw = grid
     t = n_prefix + gh * gw
@@ -46,13 +52,17 @@ def make_recording(
     layout = TokenLayout(n_prefix=n_prefix, prefix_names=("cls",)[:n_prefix] + ("reg",) * max(0, n_prefix - 1),
                          grid=grid, patch_size=(patch, patch), image_size=size)
     labels = np.arange(n_samples) % 3
+    n_rows = n_prefix + min(store_rows, gh * gw)
+    stats = HeadStatsAccumulator("self", n_layers, n_heads, n_prefix)
     w = RecordingWriter.create(
         path, family="vit", model_name="synthetic", model_class="ViTForImageClassification",
         sample_ids=[f"img_{i:03d}.png" for i in range(n_samples)],
-        stacks=[StackSpec("self", n_layers, n_heads, t, t, layout)], class_names=CLASS_NAMES, labels=labels,
+        stacks=[StackSpec("self", n_layers, n_heads, t, t, layout, rows=n_rows if store == "rows" else 0)],
+        class_names=CLASS_NAMES, labels=labels,
         thumbnail_shape=size, mask_shape=size if with_masks else None,
         attributions=[AttributionSpec("saliency", size, "pixel"), AttributionSpec("rollout", grid, "patch")],
-        batch_size=batch_size, compression=compression, extraction_params={"synthetic": True},
+        batch_size=batch_size, compression=compression, extraction_params={"synthetic": True}, store=store,
+        per_sample=per_sample_specs(n_layers, n_heads, n_prefix) if store != "full" else (),
     )
     with w:
         for start in range(0, n_samples, batch_size):
@@ -67,11 +77,24 @@ def make_recording(
             thumbs = rng.integers(0, 255, (b, *size, 3), dtype=np.uint8)
             masks = np.zeros((b, *size), np.uint8)
             masks[:, size[0] // 4 : size[0] // 2, size[1] // 4 : size[1] // 2] = 1
-            w.write(SampleBatch(start=start, attention={"self": maps}, predictions=preds, logits=logits,
-                                thumbnails=thumbs, masks=masks if with_masks else None,
+            per_sample, rows = {}, {}
+            if store != "full":
+                per_sample = per_sample_values(stats.add(maps.astype(np.float16)), n_prefix)  # as stored
+            if store == "rows":
+                pos = np.stack([np.concatenate([np.arange(n_prefix), n_prefix + np.sort(
+                    np.random.default_rng(i).choice(gh * gw, n_rows - n_prefix, replace=False))]) for i in idx])
+                rows["self"] = (pos, np.stack([maps[j][:, :, pos[j]] for j in range(b)]))
+            w.write(SampleBatch(start=start, attention={"self": maps} if store == "full" else {}, predictions=preds,
+                                logits=logits, thumbnails=thumbs, masks=masks if with_masks else None,
                                 attributions={"saliency": rng.standard_normal((b, *size)).astype(np.float32),
-                                              "rollout": rng.random((b, *grid)).astype(np.float32)}))
-        w.finish()
+                                              "rollout": rng.random((b, *grid)).astype(np.float32)},
+                                per_sample=per_sample, rows=rows))
+        path = w.finish()
+    if store != "full":
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            write_head_stats(f, stats.result())
     return Path(path)
 
 

@@ -17,12 +17,17 @@ For one head, one input and one query position ``q`` with attention row ``a = A[
 Each statistic is averaged over every valid query position of every sample (each (sample, query)
 pair weighs the same), giving float ``[n_layers, n_heads]``. Computed by streaming over samples
 with :meth:`Recording.iter_attention` (one batch in memory), in float64 accumulators.
+
+A recording without maps (``attnviz extract --store rows|summary``) gets them from the full maps while they
+are in memory during the extraction, and keeps each sample's own means (``per_sample/head_<stat>``), so
+that they can be recomputed from the file (``attnviz analyze``, ``--resume``, ``--max-samples``).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -116,23 +121,34 @@ class HeadStatsAccumulator:
         self.n_queries = 0
         self.n_samples = 0
 
-    def add(self, maps: np.ndarray, lengths: np.ndarray | None = None) -> None:
+    def add(self, maps: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """One batch: maps float ``[batch, layer, head, query_pos, key_pos]`` (padded), lengths int
-        ``[batch, 2]`` valid (query_len, key_len) or None for fixed-size maps."""
+        ``[batch, 2]`` valid (query_len, key_len) or None for fixed-size maps.
+
+        Returns:
+            float64 ``[batch, stat, layer, head]``: each sample's own statistics (means over its query positions,
+            stats in :data:`STAT_NAMES` order; cls_attention 0 without prefix tokens), what a ``--store rows`` or
+            ``summary`` recording keeps per sample (``per_sample/head_<stat>``) to recompute the means later.
+        """
         maps = np.asarray(maps)
+        per_sample = np.zeros((maps.shape[0], *self.sums.shape), np.float64)
         for j in range(maps.shape[0]):
             q, k = (maps.shape[-2], maps.shape[-1]) if lengths is None else (int(lengths[j][0]), int(lengths[j][1]))
+            sums = per_sample[j]
             for layer in range(maps.shape[1]):
                 # float32 here: the sums are float64; one layer at a time keeps the temporaries small
                 a = np.clip(maps[j, layer, :, :q, :k].astype(np.float32), 0.0, None)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     plogp = np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0)), 0.0)
-                self.sums[0, layer] += -plogp.sum((-1, -2), dtype=np.float64)
-                self.sums[1, layer] += a.max(-1).sum(-1, dtype=np.float64)
+                sums[0, layer] = -plogp.sum((-1, -2), dtype=np.float64)
+                sums[1, layer] = a.max(-1).sum(-1, dtype=np.float64)
                 if self.n_prefix:
-                    self.sums[2, layer] += a[..., : self.n_prefix].sum((-1, -2), dtype=np.float64)
+                    sums[2, layer] = a[..., : self.n_prefix].sum((-1, -2), dtype=np.float64)
+            self.sums += sums  # one addition per sample and element: the same sums as summing layer by layer
             self.n_queries += q
             self.n_samples += 1
+            sums /= max(q, 1)
+        return per_sample
 
     def merge(self, other: HeadStatsAccumulator) -> HeadStatsAccumulator:
         self.sums += other.sums
@@ -167,6 +183,8 @@ def compute_head_stats(rec: Recording, kind: str | None = None, *, max_samples: 
     n_layers, n_heads = rec.stack_shape(kind)
     n_prefix = rec.layout(kind).n_prefix
     n = rec.n_samples if max_samples is None else min(rec.n_samples, max(0, int(max_samples)))
+    if not rec.has_maps():
+        return _from_per_sample(rec, kind, n, n_prefix)
     sums = np.zeros((3, n_layers, n_heads), np.float64)
     n_queries = 0
     for idx, batch in rec.iter_attention(kind, samples=np.arange(n), batch_size=batch_size):
@@ -184,6 +202,50 @@ def compute_head_stats(rec: Recording, kind: str | None = None, *, max_samples: 
     mean = sums / n_queries
     return HeadStats(kind=kind, entropy=mean[0], confidence=mean[1],
                      cls_attention=mean[2] if n_prefix else None, n_samples=n)
+
+
+def per_sample_specs(n_layers: int, n_heads: int, n_prefix: int) -> list[Any]:
+    """The per-sample arrays a ``--store rows|summary`` recording keeps the statistics in:
+    ``per_sample/head_<stat>`` float64 ``[sample, layer, head]`` (cls_attention only with prefix tokens)."""
+    from attnviz.store.schema import PerSampleSpec, head_stat_name
+
+    return [PerSampleSpec(name=head_stat_name(stat), shape=(n_layers, n_heads), dtype="float64", axes=("layer", "head"),
+                          description=f"the sample's mean over its query positions of {METRIC_INFO[stat].definition.split(' of ', 1)[1]}")
+            for stat in STAT_NAMES if stat != "cls_attention" or n_prefix]
+
+
+def per_sample_values(per_sample: np.ndarray, n_prefix: int) -> dict[str, np.ndarray]:
+    """:meth:`HeadStatsAccumulator.add`'s ``[batch, stat, layer, head]`` as the per-sample arrays of
+    :func:`per_sample_specs` (name -> ``[batch, layer, head]``)."""
+    from attnviz.store.schema import head_stat_name
+
+    return {head_stat_name(stat): per_sample[:, i] for i, stat in enumerate(STAT_NAMES)
+            if stat != "cls_attention" or n_prefix}
+
+
+def _from_per_sample(rec: Recording, kind: str, n: int, n_prefix: int) -> HeadStats:
+    """The statistics of a recording without maps (``--store rows|summary``), from its per-sample statistics:
+    the mean over samples weighted by each sample's query count (the same mean as over every query)."""
+    from attnviz.errors import RecordingError
+    from attnviz.store.schema import head_stat_name
+
+    names = [head_stat_name(s) for s in STAT_NAMES if s != "cls_attention" or n_prefix]
+    missing = [m for m in names if m not in rec.per_sample_arrays()]
+    if missing or kind != rec.main_kind:
+        raise RecordingError(f"{rec.path}: this recording stores no attention maps (--store {rec.store}) and no "
+                             f"per-sample head statistics of its {kind!r} stack ({', '.join(missing) or kind}); "
+                             "head statistics cannot be recomputed")
+    n_layers, n_heads = rec.stack_shape(kind)
+    if n == 0:
+        nan = np.full((n_layers, n_heads), np.nan)
+        return HeadStats(kind, nan, nan.copy(), nan.copy() if n_prefix else None, 0)
+    weights = np.array([rec.lengths(s, kind)[0] for s in range(n)], np.float64)
+    means = []
+    for name in names:
+        values = rec.h5[f"per_sample/{name}"][:n].astype(np.float64)  # [n, layer, head]: small
+        means.append(np.tensordot(weights, values, axes=(0, 0)) / weights.sum())
+    return HeadStats(kind=kind, entropy=means[0], confidence=means[1],
+                     cls_attention=means[2] if n_prefix else None, n_samples=n)
 
 
 def compute_and_store(path: str | os.PathLike, *, max_samples: int | None = None,
@@ -205,16 +267,23 @@ def compute_and_store(path: str | os.PathLike, *, max_samples: int | None = None
 def store_head_stats(path: str | os.PathLike, stats: HeadStats, *, max_samples: int | None = None) -> None:
     """Write computed (or accumulated) statistics as head metrics ``entropy``, ``confidence``,
     ``cls_attention`` with their definitions and citations."""
-    from attnviz.store.cache import open_for_update, write_head_metric
+    from attnviz.store.cache import open_for_update
 
-    params = {"max_samples": max_samples, "n_samples": stats.n_samples}
     f = open_for_update(path)
     try:
-        for name, values in stats.as_dict().items():
-            base = METRIC_INFO[name]
-            info = HeadMetricInfo(name=name, kind=stats.kind, definition=base.definition, citation=base.citation,
-                                  units=base.units, higher_is_more_important=base.higher_is_more_important,
-                                  params=params)
-            write_head_metric(f, info, values)
+        write_head_stats(f, stats, max_samples=max_samples)
     finally:
         f.close()
+
+
+def write_head_stats(f: Any, stats: HeadStats, *, max_samples: int | None = None) -> None:
+    """:func:`store_head_stats` into an open, writable ``h5py.File``."""
+    from attnviz.store.cache import write_head_metric
+
+    params = {"max_samples": max_samples, "n_samples": stats.n_samples}
+    for name, values in stats.as_dict().items():
+        base = METRIC_INFO[name]
+        info = HeadMetricInfo(name=name, kind=stats.kind, definition=base.definition, citation=base.citation,
+                              units=base.units, higher_is_more_important=base.higher_is_more_important,
+                              params=params)
+        write_head_metric(f, info, values)

@@ -37,7 +37,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from attnviz.store.reader import Recording
+from attnviz.errors import RecordingError
+from attnviz.store.reader import Recording, store_refusal
+from attnviz.store.schema import STORE_FULL, STORE_ROWS
 from attnviz.store.schema import HeadMetricInfo, TokenLayout
 
 __all__ = [
@@ -214,6 +216,16 @@ def _kind(rec: Recording, kind: str | None) -> str | None:
     return next((k for k in rec.kinds() if rec.layout(k).grid is not None), None)
 
 
+def localization_refusal(rec: Recording, kind: str | None = None) -> str | None:
+    """Why the scores cannot be computed from what ``rec`` stores (None: they can). A ``--store rows`` recording
+    keeps every sample's CLS row, all a head's map needs here; without prefix tokens the map averages every patch
+    query, which needs full maps; a summary keeps no rows."""
+    kind = _kind(rec, kind)
+    allowed = (STORE_FULL, STORE_ROWS) if kind is not None and rec.layout(kind).n_prefix else (STORE_FULL,)
+    return store_refusal(rec, "the localization analysis" + ("" if STORE_ROWS in allowed else " (without a CLS token)"),
+                         allowed)
+
+
 def compute_localization(rec: Recording, kind: str | None = None, *, batch_size: int = 8,
                          progress: Callable[[int], None] | None = None) -> Localization | None:
     """Score every head and every stored attribution on the samples with an object mask.
@@ -236,7 +248,14 @@ def compute_localization(rec: Recording, kind: str | None = None, *, batch_size:
     m_energy = {m: [] for m in methods}
     m_hit = {m: [] for m in methods}
     resolutions = {m: rec.attribution_info(m).resolution for m in methods}
-    for idx, batch in rec.iter_attention(kind, batch_size=batch_size):
+    problem = localization_refusal(rec, kind)
+    if problem:
+        raise RecordingError(f"{rec.path}: {problem}")
+    if rec.store == STORE_ROWS:  # the CLS row is row 0 of every sample's stored rows: all head_query_maps reads
+        batches = ((idx, rows) for idx, _, rows in rec.iter_rows(kind, batch_size=batch_size))
+    else:
+        batches = rec.iter_attention(kind, batch_size=batch_size)
+    for idx, batch in batches:
         for j, s in enumerate(idx):
             s = int(s)
             mask = np.asarray(rec.mask(s)) > 0
@@ -348,6 +367,10 @@ def analyze_localization(path: str | os.PathLike, *, show_bar: bool = False) -> 
 
 def analyze_step(path: str | os.PathLike, *, show_bar: bool = True) -> list[str]:
     """The ``attnviz analyze`` step: localization scores when the recording has object masks."""
+    with Recording(path) as rec:
+        problem = localization_refusal(rec) if rec.has_masks else None
+    if problem:
+        return [f"localization scores skipped: {problem}"]
     loc, computed = analyze_localization(path, show_bar=show_bar)
     if loc is None:
         return ["localization scores skipped: no object masks"]

@@ -60,8 +60,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from attnviz.errors import InputError
-from attnviz.store.reader import Recording
+from attnviz.errors import InputError, RecordingError
+from attnviz.store.reader import Recording, store_refusal
 from attnviz.store.schema import HeadMetricInfo, TokenLayout
 
 __all__ = [
@@ -598,6 +598,12 @@ def _checked_batches(rec: Recording, kind: str, geom: PatchGeometry, samples: np
         del maps  # a generator's locals live on: drop the batch before reading the next
 
 
+def _refuse_without_maps(rec: Recording) -> None:
+    problem = store_refusal(rec, "the spatial-profile analysis")
+    if problem:
+        raise RecordingError(f"{rec.path}: {problem}")
+
+
 def compute_spatial(rec: Recording, kind: str | None = None, *, batch_size: int = 8,
                     max_samples: int | None = None,
                     progress: Callable[[int], None] | None = None) -> SpatialProfiles:
@@ -614,6 +620,7 @@ def compute_spatial(rec: Recording, kind: str | None = None, *, batch_size: int 
         max_samples: use the first N samples (None: all).
         progress: called with the number of samples done after each batch.
     """
+    _refuse_without_maps(rec)
     params = spatial_params(rec, kind, max_samples=max_samples)
     kind = params["kind"]
     geom = PatchGeometry.from_layout(rec.layout(kind), kind)
@@ -629,6 +636,7 @@ def compute_spatial(rec: Recording, kind: str | None = None, *, batch_size: int 
 
 def spatial_for_sample(rec: Recording, sample: int, kind: str | None = None) -> SpatialProfiles:
     """Full profiles of one image, computed from its maps (cheap: one sample's maps)."""
+    _refuse_without_maps(rec)
     kind = _resolve_kind(rec, kind)
     if not 0 <= int(sample) < rec.n_samples:
         raise IndexError(f"sample {sample} out of range 0..{rec.n_samples - 1}")
@@ -743,8 +751,11 @@ def analyze_step(path: str | os.PathLike, *, batch_size: int = 8, show_bar: bool
     with Recording(path) as rec:
         kinds = spatial_kinds(rec)
         n = rec.n_samples
+        problem = store_refusal(rec, "the spatial-profile analysis")
     if not kinds:
         return ["spatial profiles skipped: no attention with a patch grid"]
+    if problem:
+        return [f"spatial profiles skipped: {problem}"]
     lines = []
     for kind in kinds:
         bar = None

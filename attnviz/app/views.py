@@ -23,8 +23,9 @@ from attnviz.figures.explorer import (
     token_labels,
 )
 from attnviz.figures.overview import CORRECT, UNKNOWN, WRONG, class_colour, fig_thumbnail_mosaic, tile_mosaic
-from attnviz.store.reader import Recording
-from attnviz.store.schema import TokenLayout
+from attnviz.errors import RecordingError
+from attnviz.store.reader import Recording, store_refusal
+from attnviz.store.schema import STORE_FULL, STORE_ROWS, TokenLayout
 
 __all__ = [
     "no_image_note",
@@ -110,26 +111,67 @@ def _prefix_note(row: np.ndarray, layout: TokenLayout) -> str | None:
     return f"{share:.1%} of the attention goes to {'+'.join(n.upper() for n in layout.prefix_names) or 'prefix tokens'}"
 
 
+def rows_refusal(rec: Recording, what: str) -> str | None:
+    """Why ``what`` (a view of query rows) cannot be shown: None on full and ``--store rows`` recordings."""
+    return store_refusal(rec, what, allowed=(STORE_FULL, STORE_ROWS))
+
+
+def stored_query(rec: Recording, sample: int, query: int, kind: str | None = None) -> tuple[int, str | None]:
+    """The query whose row can be shown for ``query``, and a note when it is another one: on a ``--store rows``
+    recording the stored query nearest to it (on the patch grid; prefix tokens only for themselves), else itself."""
+    if rec.store != STORE_ROWS:
+        return query, None
+    layout = rec.layout(kind)
+    stored = rec.row_positions(sample, kind)
+    n_stored = len(stored)
+    if query in stored:
+        return query, f"one of the {n_stored} stored query rows of this image (--store rows)"
+    cell = query_cell(layout, query)
+    patches = [int(p) for p in stored if query_cell(layout, int(p)) is not None]
+    if cell is None or not patches:
+        choice = int(stored[0])
+    else:
+        choice = min(patches, key=lambda p: (query_cell(layout, p)[0] - cell[0]) ** 2 + (query_cell(layout, p)[1] - cell[1]) ** 2)
+    return choice, (f"{_query_name(layout, query)} is not stored: showing the nearest of the {n_stored} stored query "
+                    f"rows of this image (--store rows)")
+
+
+def _join(*notes: str | None) -> str | None:
+    parts = [n for n in notes if n]
+    return "; ".join(parts) if parts else None
+
+
 def query_overlay(rec: Recording, sample: int, layer: int, head: int, query: int | None, kind: str | None = None) -> go.Figure:
-    """Attention of one query (default: the centre patch) of one head over the image."""
+    """Attention of one query (default: the centre patch) of one head over the image; on a ``--store rows``
+    recording the nearest stored query."""
     kind = kind or explorer_kind(rec)
+    problem = rows_refusal(rec, "the query view")
+    if problem:
+        return fig_message(problem)
     layout = rec.layout(kind)
     q = default_query(layout) if query is None else query
+    q, note = stored_query(rec, sample, q, kind)
     row = rec.attention_query(sample, layer, q, kind=kind, head=head)
     title = f"L{layer} H{head}: query {_query_name(layout, q)}"
     return fig_query_overlay(_thumb(rec, sample), _patch_heat(row, layout), patch_size=layout.patch_size,
-                             query_cell=query_cell(layout, q), title=title, subtitle=_prefix_note(row, layout))
+                             query_cell=query_cell(layout, q), title=title,
+                             subtitle=_join(_prefix_note(row, layout), note))
 
 
 def head_multiples(rec: Recording, sample: int, layer: int, head: int, query: int | None,
                    kind: str | None = None) -> go.Figure:
     """The same query for every head of the layer, one figure."""
     kind = kind or explorer_kind(rec)
+    problem = rows_refusal(rec, "the every-head view of a query")
+    if problem:
+        return fig_message(problem)
     layout = rec.layout(kind)
     q = default_query(layout) if query is None else query
+    q, note = stored_query(rec, sample, q, kind)
     rows = rec.attention_query(sample, layer, q, kind=kind)  # [head, key]
     return fig_head_multiples(_patch_heat(rows, layout), selected_head=head, query_cell=query_cell(layout, q),
-                              title=f"Layer {layer}, every head: query {_query_name(layout, q)}")
+                              title=f"Layer {layer}, every head: query {_query_name(layout, q)}",
+                              subtitle=note if note and "not stored" in note else None)
 
 
 def cls_overlay(rec: Recording, sample: int, layer: int, head: int, kind: str | None = None) -> go.Figure:
@@ -138,7 +180,10 @@ def cls_overlay(rec: Recording, sample: int, layer: int, head: int, kind: str | 
     layout = rec.layout(kind)
     if not layout.n_prefix:
         return fig_message("This model has no CLS token.")
-    row = rec.attention_query(sample, layer, 0, kind=kind, head=head)
+    problem = rows_refusal(rec, "CLS attention")
+    if problem:
+        return fig_message(problem)
+    row = rec.attention_query(sample, layer, 0, kind=kind, head=head)  # a --store rows file keeps every prefix row
     name = layout.prefix_names[0] if layout.prefix_names else "CLS"
     return fig_query_overlay(_thumb(rec, sample), _patch_heat(row, layout), patch_size=layout.patch_size,
                              title=f"{name.upper()} attention, L{layer} H{head}", subtitle=_prefix_note(row, layout),
@@ -149,6 +194,10 @@ def _rollout_grid(rec: Recording, sample: int, kind: str) -> tuple[np.ndarray, s
     stored = "rollout" in rec.attribution_methods() and kind == rec.main_kind
     if stored:
         return rec.attribution(sample, "rollout").astype(np.float64), "rollout"
+
+    problem = store_refusal(rec, "rollout")
+    if problem:
+        raise RecordingError(problem)
 
     def make() -> np.ndarray:
         from attnviz.analysis.rollout import attention_rollout, rollout_to_grid
@@ -170,6 +219,8 @@ def attribution_panels(rec: Recording, sample: int, kind: str | None = None,
     try:
         grid, name = _rollout_grid(rec, sample, kind)
         panels.append((name, grid))
+    except RecordingError:  # --store rows|summary without a stored rollout: no maps to compute it from
+        panels.append((f"rollout not stored (--store {rec.store})", np.zeros(layout.grid)))
     except Exception as e:  # noqa: BLE001 - a rollout problem must not hide the stored attributions
         panels.append((f"rollout unavailable ({type(e).__name__})", np.zeros(layout.grid)))
     for m in methods if methods is not None else rec.attribution_methods():
@@ -184,11 +235,16 @@ def attribution_panels(rec: Recording, sample: int, kind: str | None = None,
 def token_matrix(rec: Recording, sample: int, layer: int, head: int, kind: str | None = None) -> go.Figure:
     """The raw query x key matrix of one head."""
     kind = kind or explorer_kind(rec) or rec.main_kind
+    problem = rows_refusal(rec, "the raw attention matrix")
+    if problem:
+        return fig_message(problem)
     layout = rec.layout(kind)
-    m = rec.attention(sample, layer, head, kind=kind)
+    positions, m = rec.attention_rows(sample, layer, head, kind=kind)
     labels = token_labels(m.shape[1], layout.n_prefix, layout.prefix_names, layout.grid)
-    return fig_token_matrix(m, labels=labels, title=f"Raw attention, L{layer} H{head}, sample {sample} "
-                                                   f"({m.shape[0]} queries x {m.shape[1]} keys)")
+    partial = rec.store == STORE_ROWS
+    what = f"the {m.shape[0]} stored query rows (--store rows)" if partial else f"{m.shape[0]} queries"
+    return fig_token_matrix(m, labels=labels, query_labels=[labels[int(p)] for p in positions] if partial else None,
+                            title=f"Raw attention, L{layer} H{head}, sample {sample} ({what} x {m.shape[1]} keys)")
 
 
 # -- overview -------------------------------------------------------------------------------------
@@ -209,6 +265,7 @@ def model_card(rec: Recording) -> list[tuple[str, str]]:
         extra = f", {lay.grid[0]}×{lay.grid[1]} patches of {lay.patch_size[0]}×{lay.patch_size[1]} px" if lay.grid else ""
         pre = f", prefix: {', '.join(lay.prefix_names)}" if lay.n_prefix else ""
         rows.append((f"attention '{kind}'", f"{shape[0]} × {shape[1]}{extra}{pre}"))
+    rows.append(("stored", store_text(rec)))
     rows += [
         ("samples", f"{rec.n_samples}" + ("" if rec.complete else f" of {rec.n_planned} (incomplete)")),
         ("accuracy", _accuracy_text(rec, acc)),
@@ -219,6 +276,17 @@ def model_card(rec: Recording) -> list[tuple[str, str]]:
         ("recorded", rec.created),
     ]
     return rows
+
+
+def store_text(rec: Recording) -> str:
+    """What the recording keeps of the maps (``attnviz extract --store``), in words."""
+    if rec.store == STORE_ROWS:
+        n = len(rec.row_positions(0)) if rec.n_samples else 0
+        return (f"query rows only (--store rows): {n} per image (prefix rows + sampled patches); views that need "
+                "whole maps say so")
+    if rec.store != STORE_FULL:
+        return "per-head summaries only (--store summary): no attention maps; views that need them say so"
+    return "every attention map"
 
 
 def _accuracy_text(rec: Recording, acc: float | None) -> str:

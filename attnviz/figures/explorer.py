@@ -268,12 +268,13 @@ def block_mean(a: np.ndarray, max_side: int) -> tuple[np.ndarray, int]:
 
 
 def fig_token_matrix(matrix: np.ndarray, *, labels: Sequence[str] | None = None, title: str | None = None,
-                     max_side: int = 400, height: int = 640) -> go.Figure:
+                     max_side: int = 400, height: int = 640, query_labels: Sequence[str] | None = None) -> go.Figure:
     """The raw query x key attention matrix of one head (block-averaged beyond ``max_side``).
 
     Args:
         matrix: float ``[query_pos, key_pos]``.
         labels: token names (used when not block-averaged).
+        query_labels: the rows' names when they are not ``labels`` (only some query rows stored: ``--store rows``).
 
     Returns:
         trace 0: ``go.Heatmap``, ``z`` = the matrix (rows = queries, top = first token).
@@ -285,7 +286,8 @@ def fig_token_matrix(matrix: np.ndarray, *, labels: Sequence[str] | None = None,
                 hovertemplate="query %{y}<br>key %{x}<br>%{z:.4f}<extra></extra>")
     labelled = block == 1 and labels is not None
     if labelled:
-        heat.update(x=list(labels[: m.shape[1]]), y=list(labels[: m.shape[0]]))
+        heat.update(x=list(labels[: m.shape[1]]),
+                    y=list(query_labels[: m.shape[0]] if query_labels is not None else labels[: m.shape[0]]))
     blocks = f" (blocks of {block})" if block > 1 else ""
     xaxis = dict(title=dict(text="key" + blocks), showgrid=False)
     yaxis = dict(title=dict(text="query" + blocks), autorange="reversed", showgrid=False)

@@ -6,7 +6,7 @@ See ``docs/file-format.md`` for the specification.
 from __future__ import annotations
 
 from attnviz.store.cache import load_analysis, save_analysis, write_head_metric
-from attnviz.store.reader import Recording, open
+from attnviz.store.reader import Recording, open, store_refusal
 from attnviz.store.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -32,5 +32,6 @@ __all__ = [
     "open",
     "partial_path",
     "save_analysis",
+    "store_refusal",
     "write_head_metric",
 ]

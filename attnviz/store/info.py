@@ -38,6 +38,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "layers": rec.n_layers,
             "heads": rec.n_heads,
             "stacks": stacks,
+            "store": rec.store,
             "classes": rec.class_names(),
             "labelled_samples": labelled,
             "accuracy": rec.accuracy,
@@ -87,6 +88,11 @@ def format_description(d: dict[str, Any]) -> str:
         else:
             how = f"; its output is the pooled embedding ({out})" if out != "logits" else ""
             lines.append(f"  predictions  none: the model has no classification head{how}")
+    store = d.get("store", "full")
+    if store != "full":
+        what = ("query rows only: the prefix rows and sampled query patches of every map (rows, row_positions)"
+                if store == "rows" else "no attention maps: per-head summaries only")
+        lines.append(f"  stored     --store {store}: {what}")
     for kind, s in d["stacks"].items():
         geo = f", grid {s['grid'][0]}x{s['grid'][1]}" if s["grid"] else ""
         if s["grid"] and s["patch_size"]:

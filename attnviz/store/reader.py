@@ -19,7 +19,7 @@ import numpy as np
 from attnviz.errors import RecordingError
 from attnviz.store import schema as S
 
-__all__ = ["Recording", "open"]
+__all__ = ["Recording", "open", "store_refusal"]
 
 
 def _reads(fn: Any) -> Any:
@@ -154,13 +154,19 @@ class Recording:
         if S.ATTR_TARGET_SOURCE in a and _text(a[S.ATTR_TARGET_SOURCE]) not in S.TARGET_SOURCES:
             raise RecordingError(f"{p}: root attribute 'target_source' is {_text(a[S.ATTR_TARGET_SOURCE])!r}, "
                                  f"expected one of {', '.join(S.TARGET_SOURCES)}")
+        if S.ATTR_STORE in a and _text(a[S.ATTR_STORE], strict=True) not in S.STORE_MODES:
+            raise RecordingError(f"{p}: root attribute 'store' is {_text(a[S.ATTR_STORE])!r}, expected one of "
+                                 f"{', '.join(S.STORE_MODES)}")
+        store = self.store
         family = self.family
         if family not in S.FAMILIES:
             raise RecordingError(f"{p}: unknown family {family!r} (known: {', '.join(S.FAMILIES)})")
         main = self.main_kind
         if main != S.MAIN_KIND[family]:
             raise RecordingError(f"{p}: main_kind {main!r}, a {family} recording's main kind is {S.MAIN_KIND[family]!r}")
-        required = list(S.REQUIRED_DATASETS) + [S.maps_path(main), S.lengths_path(main)]
+        required = list(S.REQUIRED_DATASETS) + [S.lengths_path(main)]
+        required += {S.STORE_FULL: [S.maps_path(main)], S.STORE_ROWS: [S.rows_path(main, S.ROWS),
+                     S.rows_path(main, S.ROW_POSITIONS)], S.STORE_SUMMARY: []}[store]
         if family in S.THUMBNAIL_FAMILIES:
             required.append(S.D_THUMBNAIL)
         for name in required:
@@ -213,8 +219,10 @@ class Recording:
             for name, ds in f[S.G_HEAD_METRICS].items():
                 self._validate_head_metric(name, ds)
         try:  # touch the data: a damaged file can open and still fail on reading
-            if n_done:
+            if n_done and store == S.STORE_FULL:
                 f[S.maps_path(main)][n_done - 1, -1, -1, :1, :1]
+            elif n_done and store == S.STORE_ROWS:
+                f[S.rows_path(main)][n_done - 1, -1, -1, :1, :1]
         except (OSError, RuntimeError):
             raise RecordingError(f"{p}: cannot be read: truncated or damaged data") from None
 
@@ -242,36 +250,57 @@ class Recording:
             raise RecordingError(f"{p}: {where} is not a group")
         if kind not in S.FAMILY_KINDS[self.family]:
             raise RecordingError(f"{p}: {where}: a {self.family} recording has no {kind!r} attention")
-        for name in (S.maps_path(kind), S.lengths_path(kind)):
-            if name not in f or not isinstance(f[name], h5py.Dataset):
-                raise RecordingError(f"{p}: required dataset /{name} is missing")
+        store = self.store
+        needed = {S.STORE_FULL: (S.MAPS,), S.STORE_ROWS: (S.ROWS, S.ROW_POSITIONS), S.STORE_SUMMARY: ()}[store]
+        for name in (*needed, S.LENGTHS):
+            if name not in g or not isinstance(g[name], h5py.Dataset):
+                raise RecordingError(f"{p}: required dataset {where}/{name} is missing")
         for attr in (S.ATTR_STACK_N_LAYERS, S.ATTR_STACK_N_HEADS, S.ATTR_LAYOUT):
             if attr not in g.attrs:
                 raise RecordingError(f"{p}: {where} lacks its attribute {attr!r}")
         L = self._int_attr(g.attrs, S.ATTR_STACK_N_LAYERS, where, minimum=1)
         H = self._int_attr(g.attrs, S.ATTR_STACK_N_HEADS, where, minimum=1)
         layout = self._layout_attr(g, where)
-        shape = g[S.MAPS].shape
-        if len(shape) != 5 or shape[:3] != (n, L, H):
-            raise RecordingError(f"{p}: /{S.maps_path(kind)} has shape {shape}, expected ({n}, {L}, {H}, Q, K)")
-        if g[S.MAPS].dtype.kind != "f":
-            raise RecordingError(f"{p}: /{S.maps_path(kind)} has dtype {g[S.MAPS].dtype}, expected float16")
+        if store == S.STORE_FULL:
+            shape = g[S.MAPS].shape
+            if len(shape) != 5 or shape[:3] != (n, L, H):
+                raise RecordingError(f"{p}: /{S.maps_path(kind)} has shape {shape}, expected ({n}, {L}, {H}, Q, K)")
+            if g[S.MAPS].dtype.kind != "f":
+                raise RecordingError(f"{p}: /{S.maps_path(kind)} has dtype {g[S.MAPS].dtype}, expected float16")
+            max_q, max_k = shape[3], shape[4]
+        else:
+            raw = g.attrs.get(S.ATTR_MAX_LENGTHS)
+            pair = np.asarray(raw) if raw is not None else None
+            if pair is None or pair.shape != (2,) or pair.dtype.kind not in "iu" or (pair < 1).any():
+                raise RecordingError(f"{p}: {where} lacks its attribute {S.ATTR_MAX_LENGTHS!r} "
+                                     "([max_query, max_key] integers >= 1)")
+            max_q, max_k = int(pair[0]), int(pair[1])
+        if store == S.STORE_ROWS:
+            rs, ps = g[S.ROWS].shape, g[S.ROW_POSITIONS].shape
+            if len(rs) != 5 or rs[:3] != (n, L, H) or rs[4] != max_k or ps != (n, rs[3]) or \
+                    g[S.ROWS].dtype.kind != "f" or g[S.ROW_POSITIONS].dtype.kind not in "iu":
+                raise RecordingError(f"{p}: {where}: rows {rs} and row positions {ps} do not fit "
+                                     f"({n}, {L}, {H}, R, {max_k}) floats and ({n}, R) integers")
+            pos = g[S.ROW_POSITIONS][: n_done]
+            if (pos < -1).any() or (pos >= max_q).any():
+                raise RecordingError(f"{p}: /{S.rows_path(kind, S.ROW_POSITIONS)} holds positions outside "
+                                     f"-1..{max_q - 1}")
         if kind == main and (L, H) != (self.n_layers, self.n_heads):
             raise RecordingError(f"{p}: root n_layers x n_heads {self.n_layers}x{self.n_heads} differ from "
                                  f"the {kind!r} stack's {L}x{H}")
-        if layout.grid is not None and layout.n_tokens not in (shape[3], None) or \
-                layout.grid is not None and shape[3] != shape[4]:
+        if layout.grid is not None and layout.n_tokens not in (max_q, None) or \
+                layout.grid is not None and max_q != max_k:
             raise RecordingError(f"{p}: {where}: the layout's {layout.n_prefix} prefix token(s) + "
-                                 f"{layout.grid[0]}x{layout.grid[1]} patches do not fit maps of {shape[3]}x{shape[4]}")
+                                 f"{layout.grid[0]}x{layout.grid[1]} patches do not fit maps of {max_q}x{max_k}")
         lengths = g[S.LENGTHS]
         if lengths.shape != (n, 2) or lengths.dtype.kind not in "iu":
             raise RecordingError(f"{p}: /{S.lengths_path(kind)} has shape {lengths.shape}, expected ({n}, 2) integers")
         lens = lengths[()]
-        if (lens < 0).any() or (lens[:, 0] > shape[3]).any() or (lens[:, 1] > shape[4]).any():
-            raise RecordingError(f"{p}: /{S.lengths_path(kind)} has lengths outside the maps' {shape[3]}x{shape[4]}")
+        if (lens < 0).any() or (lens[:, 0] > max_q).any() or (lens[:, 1] > max_k).any():
+            raise RecordingError(f"{p}: /{S.lengths_path(kind)} has lengths outside the maps' {max_q}x{max_k}")
         if n_done and (lens[:n_done] < 1).any():
             raise RecordingError(f"{p}: /{S.lengths_path(kind)} has zero lengths for written samples")
-        self._validate_qk(kind, g, n, L, H, max(shape[3], shape[4]))
+        self._validate_qk(kind, g, n, L, H, max(max_q, max_k))
 
     def _layout_attr(self, g: h5py.Group, where: str) -> S.TokenLayout:
         d = self._json_attr(g.attrs, S.ATTR_LAYOUT, where, dict)
@@ -364,6 +393,18 @@ class Recording:
         return bool(self._f.attrs[S.ATTR_COMPLETE])
 
     @cached_property
+    def store(self) -> str:
+        """What the attention stacks hold (``attnviz extract --store``): "full" (every map; also every file
+        written before the option existed), "rows" (chosen query rows of every map: :meth:`attention_rows`) or
+        "summary" (no maps: per-head summaries only)."""
+        raw = self._f.attrs.get(S.ATTR_STORE)
+        return S.STORE_FULL if raw is None else _str(_text(raw))
+
+    def has_maps(self) -> bool:
+        """True when every attention map is stored (``store == "full"``)."""
+        return self.store == S.STORE_FULL
+
+    @cached_property
     def main_kind(self) -> str:
         return _str(self._f.attrs[S.ATTR_MAIN_KIND])
 
@@ -440,6 +481,12 @@ class Recording:
             float32 ``[query_pos, key_pos]``, cropped to the sample's valid lengths; rows sum to 1.
         """
         self._check(sample, layer, head, kind)
+        if self.store == S.STORE_ROWS:
+            pos = self.row_positions(sample, kind)
+            raise RecordingError(f"{self.path}: this recording stores only query rows (--store rows), not whole maps: "
+                                 f"sample {sample} has the rows of query positions {', '.join(map(str, pos.tolist()))}; "
+                                 "read them with attention_rows(sample, layer, head)")
+        self._need_maps("attention(...) (one whole map)")
         q, k = self.lengths(sample, kind)
         return self._maps(kind)[sample, layer, head, :q, :k].astype(np.float32)
 
@@ -447,19 +494,92 @@ class Recording:
     def attention_heads(self, sample: int, layer: int, kind: str | None = None) -> np.ndarray:
         """All heads of one layer: float32 ``[head, query_pos, key_pos]``."""
         self._check(sample, layer, 0, kind)
+        self._need_maps("attention_heads(...) (whole maps)")
         q, k = self.lengths(sample, kind)
         return self._maps(kind)[sample, layer, :, :q, :k].astype(np.float32)
 
     @_reads
     def attention_query(self, sample: int, layer: int, query: int, kind: str | None = None,
                         head: int | None = None) -> np.ndarray:
-        """One query row: float32 ``[key_pos]`` for one head, or ``[head, key_pos]`` for all heads."""
+        """One query row: float32 ``[key_pos]`` for one head, or ``[head, key_pos]`` for all heads.
+
+        On a ``--store rows`` recording only the stored query positions (:meth:`row_positions`) can be read; any
+        other raises :class:`RecordingError` naming them."""
         self._check(sample, layer, 0 if head is None else head, kind)
         q, k = self.lengths(sample, kind)
         if not 0 <= query < q:
             raise IndexError(f"query {query} out of range 0..{q - 1}")
         sel = slice(None) if head is None else head
+        if self.store == S.STORE_ROWS:
+            pos = self.row_positions(sample, kind)
+            hit = np.flatnonzero(pos == query)
+            if not hit.size:
+                raise RecordingError(f"{self.path}: this recording stores only query rows (--store rows); query "
+                                     f"{query} of sample {sample} is not one of them (stored: "
+                                     f"{', '.join(map(str, pos.tolist()))})")
+            return self._rows(kind)[sample, layer, sel, int(hit[0]), :k].astype(np.float32)
+        self._need_maps("attention_query(...)")
         return self._maps(kind)[sample, layer, sel, query, :k].astype(np.float32)
+
+    @_reads
+    def row_positions(self, sample: int, kind: str | None = None) -> np.ndarray:
+        """int64 ``[n]``: the query positions whose rows are stored for ``sample``, ascending: every position
+        on a full recording, the stored ones on a ``--store rows`` recording, none on a summary."""
+        self._check_sample(sample)
+        if self.store == S.STORE_FULL:
+            return np.arange(self.lengths(sample, kind)[0], dtype=np.int64)
+        if self.store == S.STORE_SUMMARY:
+            return np.zeros(0, np.int64)
+        pos = self._group(kind)[S.ROW_POSITIONS][sample]
+        return pos[pos >= 0].astype(np.int64)
+
+    @_reads
+    def attention_rows(self, sample: int, layer: int, head: int,
+                       kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The stored query rows of one head's map, on a full or a ``--store rows`` recording.
+
+        Returns:
+            (positions int64 ``[n]``, rows float32 ``[n, key_pos]``): the query positions (ascending) and their
+            rows, exactly as :meth:`attention` would give them (``attention(...)[positions]`` on a full file).
+
+        Raises:
+            RecordingError: a ``--store summary`` recording stores no rows.
+        """
+        self._check(sample, layer, head, kind)
+        _, k = self.lengths(sample, kind)
+        if self.store == S.STORE_FULL:
+            m = self.attention(sample, layer, head, kind)
+            return np.arange(m.shape[0], dtype=np.int64), m
+        if self.store == S.STORE_SUMMARY:
+            raise RecordingError(f"{self.path}: " + str(store_refusal(self, "attention_rows(...)",
+                                                                    allowed=(S.STORE_FULL, S.STORE_ROWS))))
+        raw = self._group(kind)[S.ROW_POSITIONS][sample]
+        keep = raw >= 0
+        rows = self._rows(kind)[sample, layer, head][keep, :k].astype(np.float32)
+        return raw[keep].astype(np.int64), rows
+
+    @_reads_iter
+    def iter_rows(self, kind: str | None = None, *, samples: Sequence[int] | None = None,
+                  batch_size: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Stream the stored rows of a ``--store rows`` recording in batches of samples.
+
+        Yields:
+            (indices ``[b]``, positions int ``[b, row]`` (-1 = none), rows float16 ``[b, layer, head, row, key_pos]``).
+        """
+        if self.store != S.STORE_ROWS:
+            raise RecordingError(f"{self.path}: iter_rows needs a --store rows recording; this one is "
+                                 f"store={self.store!r}" + (" (use iter_attention)" if self.has_maps() else ""))
+        rd, pd = self._rows(kind), self._group(kind)[S.ROW_POSITIONS]
+        idx = np.arange(self.n_samples) if samples is None else np.asarray(samples, dtype=np.int64).reshape(-1)
+        for j in idx:
+            self._check_sample(int(j))
+        for i in range(0, len(idx), max(1, batch_size)):
+            chunk = idx[i : i + batch_size]
+            if len(chunk) and np.all(np.diff(chunk) == 1):
+                sl = slice(int(chunk[0]), int(chunk[-1]) + 1)
+                yield chunk, pd[sl], rd[sl]
+            else:
+                yield chunk, np.stack([pd[int(j)] for j in chunk]), np.stack([rd[int(j)] for j in chunk])
 
     @_reads
     def lengths(self, sample: int, kind: str | None = None) -> tuple[int, int]:
@@ -480,6 +600,7 @@ class Recording:
             (indices ``[b]``, maps float16 ``[b, layer, head, max_query, max_key]``), padded; use
             :meth:`lengths` where lengths vary.
         """
+        self._need_maps("iter_attention(...) (whole maps)")
         ds = self._maps(kind)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -812,6 +933,17 @@ class Recording:
             self._datasets[kind] = self._group(kind)[S.MAPS]
         return self._datasets[kind]
 
+    def _rows(self, kind: str | None) -> h5py.Dataset:
+        key = f"rows/{kind or self.main_kind}"
+        if key not in self._datasets:
+            self._datasets[key] = self._group(kind)[S.ROWS]
+        return self._datasets[key]
+
+    def _need_maps(self, what: str) -> None:
+        problem = store_refusal(self, what)
+        if problem:
+            raise RecordingError(f"{self.path}: {problem}")
+
     def _check_sample(self, sample: int) -> None:
         if not 0 <= sample < self.n_samples:
             raise IndexError(f"sample {sample} out of range 0..{self.n_samples - 1}")
@@ -847,6 +979,19 @@ class Recording:
         state = "" if self.complete else f", incomplete {self.n_samples}/{self.n_planned}"
         return (f"<Recording {self.path.name}: {self.family} {self.model_name!r}, {self.n_samples} samples, "
                 f"{self.n_layers}x{self.n_heads} heads{state}>")
+
+
+def store_refusal(rec: Recording, what: str, allowed: Sequence[str] = (S.STORE_FULL,)) -> str | None:
+    """One line saying why ``what`` (an analysis, a view, a read) cannot run on ``rec``'s store mode, or None
+    when the mode is one of ``allowed``. The analyses and the dashboard say it instead of failing."""
+    store = rec.store
+    if store in allowed:
+        return None
+    needs = "full maps" if S.STORE_ROWS not in allowed else "attention rows (--store rows or full)"
+    if store == S.STORE_ROWS:
+        return f"this recording stores only query rows (--store rows): {what} needs {needs}"
+    return (f"this recording stores no attention maps, only per-head summaries (--store summary): {what} "
+            f"needs {needs}")
 
 
 def _open_read(path: Path) -> h5py.File:

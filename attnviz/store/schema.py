@@ -19,6 +19,7 @@ __all__ = [
     "FAMILIES",
     "FAMILY_KINDS",
     "MAIN_KIND",
+    "STORE_MODES",
     "PARTIAL_SUFFIX",
     "TokenLayout",
     "StackSpec",
@@ -81,6 +82,13 @@ ATTR_MODEL_FINGERPRINT = "model_fingerprint"
 ATTR_SHARD_INDEX = "shard_index"
 ATTR_SHARD_COUNT = "shard_count"
 ATTR_SHARD_OFFSET = "shard_offset"
+# What the attention stacks hold (`attnviz extract --store`): "full" every map, "rows" only chosen query rows of
+# every map, "summary" no maps at all (per-head summaries only). Absent = "full" (files written before it).
+ATTR_STORE = "store"
+STORE_FULL = "full"
+STORE_ROWS = "rows"
+STORE_SUMMARY = "summary"
+STORE_MODES = (STORE_FULL, STORE_ROWS, STORE_SUMMARY)
 
 # Groups and datasets.
 G_SAMPLES = "samples"
@@ -101,6 +109,10 @@ LENGTHS = "lengths"
 QUERIES = "queries"
 KEYS = "keys"
 QK_POSITIONS = "qk_positions"
+# --store rows: the stored query rows of every head's map [sample, layer, head, row, key_pos] and their query
+# positions [sample, row] (-1 = padding).
+ROWS = "rows"
+ROW_POSITIONS = "row_positions"
 G_ATTRIBUTIONS = "attributions"
 G_HEAD_METRICS = "head_metrics"
 # Per-sample arrays a family records besides the maps (input features, per-token statistics), each
@@ -122,6 +134,13 @@ ATTR_STACK_N_HEADS = "n_heads"
 ATTR_LAYOUT = "layout"
 # Attribute of attention/<kind> groups that store query/key vectors: the fraction of token positions kept.
 ATTR_QK_FRACTION = "qk_fraction"
+# Attribute of attention/<kind> groups without maps (--store rows|summary): [max_query, max_key], the size the
+# maps would have had (lengths lie within it).
+ATTR_MAX_LENGTHS = "max_lengths"
+# Per-sample per-head statistics (--store rows|summary): per_sample/head_<stat> float64 [sample, layer, head],
+# the sample's mean over its query positions, so head statistics can be recomputed (resume, --max-samples)
+# without the maps.
+HEAD_STAT_PREFIX = "head_"
 # Attributes of attributions/<name>.
 ATTR_RESOLUTION = "resolution"
 ATTR_TARGET = "target"
@@ -169,6 +188,18 @@ def qk_path(kind: str, what: str) -> str:
     if what not in (QUERIES, KEYS, QK_POSITIONS):
         raise ValueError(f"what must be {QUERIES}, {KEYS} or {QK_POSITIONS}, got {what!r}")
     return f"{G_ATTENTION}/{kind}/{what}"
+
+
+def rows_path(kind: str, what: str = ROWS) -> str:
+    """Path of a stack's stored query rows (``--store rows``): ``attention/<kind>/{rows,row_positions}``."""
+    if what not in (ROWS, ROW_POSITIONS):
+        raise ValueError(f"what must be {ROWS} or {ROW_POSITIONS}, got {what!r}")
+    return f"{G_ATTENTION}/{kind}/{what}"
+
+
+def head_stat_name(stat: str) -> str:
+    """The per-sample array holding one head statistic per sample (``--store rows|summary``)."""
+    return f"{HEAD_STAT_PREFIX}{stat}"
 
 
 def timestamp() -> str:
@@ -262,6 +293,9 @@ class StackSpec:
 
     ``qk_tokens`` > 0 also stores that many positions' query and key vectors of every head
     (``head_dim`` wide; ``qk_fraction`` of the positions were chosen), see ``docs/file-format.md``.
+
+    ``rows`` is the number of query rows per sample a ``--store rows`` recording keeps of each map (the
+    writer's ``store`` says whether maps, rows or neither are allocated).
     """
 
     kind: str
@@ -273,6 +307,7 @@ class StackSpec:
     qk_tokens: int = 0
     head_dim: int = 0
     qk_fraction: float = 0.0
+    rows: int = 0
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,12 @@ def _is_disk_full(e: BaseException) -> bool:
     return "No space left on device" in text or "errno = 28" in text or "Disk quota exceeded" in text
 
 
-def check_output_path(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> None:
+def check_output_path(out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
+                      probe: bool = True) -> None:
     """Refuse to clobber: an existing output needs ``--overwrite`` (or ``--resume`` for a partial one).
+
+    ``probe`` checks that the directory is writable by creating and deleting a file (``os.access`` says yes to
+    root everywhere); a dry run, which must write nothing, asks ``os.access`` only.
 
     Raises:
         InputError: the output exists and neither flag allows it, or its directory is not writable.
@@ -91,7 +95,10 @@ def check_output_path(out: str | os.PathLike, *, overwrite: bool = False, resume
         raise InputError(f"output directory {parent} does not exist")
     if out.is_dir():
         raise InputError(f"{out} is a directory; --out must name a file such as run.h5")
-    _probe_writable(parent)
+    if probe:
+        _probe_writable(parent)
+    elif not os.access(parent, os.W_OK):
+        raise InputError(f"output directory {parent} is not writable")
     if resume:
         if out.exists() and not part.exists():
             raise InputError(f"{out} is already complete: nothing to resume (use --overwrite to record again)")
@@ -133,6 +140,8 @@ class SampleBatch:
             ``[batch, layer, head, qk_token, head_dim]``) for stacks created with ``qk_tokens``.
         per_sample: name -> array ``[batch, *shape]`` of the per-sample arrays declared at creation
             (trailing axes may be shorter: zero-padded).
+        rows: kind -> (positions int ``[batch, row]`` (-1 = none), rows float ``[batch, layer, head, row, key_pos]``)
+            for a ``store="rows"`` file (whose ``attention`` is then empty: the file has no maps).
     """
 
     start: int
@@ -147,6 +156,7 @@ class SampleBatch:
     meta: list[dict[str, Any]] | None = None
     qk: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     per_sample: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -159,14 +169,19 @@ class RecordingWriter:
     and leaves the ``.partial`` file for ``--resume``.
     """
 
-    def __init__(self, out: Path, h5: h5py.File, *, background: bool = True) -> None:
+    def __init__(self, out: Path, h5: h5py.File, *, background: bool = True, in_memory: bool = False) -> None:
         self.out = Path(out)
         self.partial = partial_path(out)
         self._f = h5
         self.batch_size = int(h5.attrs[S.ATTR_BATCH_SIZE])
         self.n_samples = int(h5.attrs[S.ATTR_N_SAMPLES])
         # per-sample shapes, read once so that write() checks a batch in the caller's thread
-        self._maps_shape = {kind: tuple(h5[S.maps_path(kind)].shape[1:]) for kind in h5[S.G_ATTENTION]}
+        self.store = _str(h5.attrs.get(S.ATTR_STORE, S.STORE_FULL))
+        self._maps_shape = {kind: tuple(h5[S.maps_path(kind)].shape[1:]) for kind in h5[S.G_ATTENTION]
+                            if S.maps_path(kind) in h5}
+        self._rows_shape = {kind: tuple(h5[S.rows_path(kind)].shape[1:]) for kind in h5[S.G_ATTENTION]
+                            if S.rows_path(kind) in h5}
+        self._kinds = tuple(h5[S.G_ATTENTION])
         self._per_sample_shape = {name: tuple(ds.shape[1:]) for name, ds in h5[S.G_PER_SAMPLE].items()} \
             if S.G_PER_SAMPLE in h5 else {}
         self._qk_shape = {kind: tuple(h5[S.qk_path(kind, S.QUERIES)].shape[1:]) for kind in h5[S.G_ATTENTION]
@@ -181,11 +196,13 @@ class RecordingWriter:
         self._reserve = reserve_path(out)
         self._reserve_bytes = int(min(RESERVE_MAX, max(RESERVE_MIN, RESERVE_BATCHES * self.batch_size * self._sample_bytes)))
         self._broken = False  # a write failed for space: nothing more may be written
-        self._make_reserve()
-        # single-writer/multiple-reader mode: a dashboard (or `attnviz info`) reading the file while it is
-        # written, or resumed, sees a consistent prefix of done samples (readers open it with swmr=True)
-        h5.flush()
-        h5.swmr_mode = True
+        self._in_memory = in_memory  # estimate_size: a file laid out in memory, nothing on disk
+        if not in_memory:
+            self._make_reserve()
+            # single-writer/multiple-reader mode: a dashboard (or `attnviz info`) reading the file while it is
+            # written, or resumed, sees a consistent prefix of done samples (readers open it with swmr=True)
+            h5.flush()
+            h5.swmr_mode = True
         self._queue: queue.Queue[SampleBatch | None] | None = None
         self._thread: threading.Thread | None = None
         if background:
@@ -220,6 +237,7 @@ class RecordingWriter:
         per_sample: Sequence[S.PerSampleSpec] = (),
         model_fingerprint: dict[str, Any] | None = None,
         shard: tuple[int, int, int] | None = None,
+        store: str = "full",
         overwrite: bool = False,
         background: bool = True,
     ) -> RecordingWriter:
@@ -236,6 +254,8 @@ class RecordingWriter:
             per_sample: further per-sample arrays (``per_sample/<name>``).
             model_fingerprint: what identifies the model (``extractor.loading.model_fingerprint``).
             shard: (index, count, offset) when this file is one shard of a distributed run.
+            store: "full" (every map), "rows" (``StackSpec.rows`` query rows of every map: datasets ``rows`` and
+                ``row_positions``) or "summary" (no maps: only ``lengths`` per stack).
         """
         # everything is checked before the file exists: a refused call leaves nothing behind
         if family not in S.FAMILIES:
@@ -246,6 +266,8 @@ class RecordingWriter:
         if int(batch_size) < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         comp = _compression(compression)
+        if store not in S.STORE_MODES:
+            raise InputError(f"unknown store mode {store!r}; choose one of {', '.join(S.STORE_MODES)}")
         kinds = [st.kind for st in stacks]
         unknown = [k for k in kinds if k not in S.FAMILY_KINDS[family]]
         if unknown:
@@ -264,6 +286,9 @@ class RecordingWriter:
                                  or not 0 < st.qk_fraction <= 1):
                 raise InputError(f"attention stack {st.kind!r}: query/key storage needs head_dim >= 1, "
                                  f"qk_tokens <= the sequence length and 0 < qk_fraction <= 1: {st}")
+            if store == S.STORE_ROWS and not 1 <= st.rows <= st.max_query:
+                raise InputError(f"attention stack {st.kind!r}: --store rows needs 1 <= rows <= {st.max_query} "
+                                 f"query rows per sample, got {st.rows}")
         if target_source not in S.TARGET_SOURCES:
             raise InputError(f"target_source must be one of {', '.join(S.TARGET_SOURCES)}, got {target_source!r}")
         import re
@@ -300,7 +325,7 @@ class RecordingWriter:
                           thumbnail_shape=thumbnail_shape, mask_shape=mask_shape, attributions=attributions,
                           batch_size=batch_size, comp=comp, model_config=model_config,
                           extraction_params=extraction_params, target_source=target_source, skipped=skipped,
-                          with_meta=with_meta, per_sample=per_sample)
+                          with_meta=with_meta, per_sample=per_sample, store=store)
             if model_fingerprint is not None:
                 f.attrs[S.ATTR_MODEL_FINGERPRINT] = S.dumps(model_fingerprint)
             if shard is not None:
@@ -324,7 +349,7 @@ class RecordingWriter:
                   attributions: Sequence[S.AttributionSpec], batch_size: int, comp: dict[str, Any],
                   model_config: dict[str, Any] | None, extraction_params: dict[str, Any] | None,
                   target_source: str, skipped: Sequence[tuple[str, str]], with_meta: bool,
-                  per_sample: Sequence[S.PerSampleSpec] = ()) -> None:
+                  per_sample: Sequence[S.PerSampleSpec] = (), store: str = S.STORE_FULL) -> None:
         n = len(sample_ids)
         main = main_stack.kind
         a = f.attrs
@@ -342,6 +367,7 @@ class RecordingWriter:
         a[S.ATTR_BATCH_SIZE] = int(batch_size)
         a[S.ATTR_PARAMS] = S.dumps(extraction_params or {})
         a[S.ATTR_TARGET_SOURCE] = target_source
+        a[S.ATTR_STORE] = store
         from attnviz import __version__
 
         a[S.ATTR_PRODUCER] = f"attnviz {__version__}"
@@ -375,9 +401,17 @@ class RecordingWriter:
             g.attrs[S.ATTR_STACK_N_LAYERS] = st.n_layers
             g.attrs[S.ATTR_STACK_N_HEADS] = st.n_heads
             g.attrs[S.ATTR_LAYOUT] = st.layout.to_json()
-            # one (sample, layer, head) map per chunk: a head is read alone
-            g.create_dataset(S.MAPS, shape=(n, st.n_layers, st.n_heads, st.max_query, st.max_key),
-                             dtype=np.float16, chunks=(1, 1, 1, st.max_query, st.max_key), **comp)
+            if store == S.STORE_FULL:
+                # one (sample, layer, head) map per chunk: a head is read alone
+                g.create_dataset(S.MAPS, shape=(n, st.n_layers, st.n_heads, st.max_query, st.max_key),
+                                 dtype=np.float16, chunks=(1, 1, 1, st.max_query, st.max_key), **comp)
+            else:
+                g.attrs[S.ATTR_MAX_LENGTHS] = np.array([st.max_query, st.max_key], np.int64)
+            if store == S.STORE_ROWS:  # one (sample, layer, head) block of rows per chunk, like the maps
+                r = int(st.rows)
+                g.create_dataset(S.ROWS, shape=(n, st.n_layers, st.n_heads, r, st.max_key), dtype=np.float16,
+                                 chunks=(1, 1, 1, r, st.max_key), **comp)
+                g.create_dataset(S.ROW_POSITIONS, shape=(n, r), dtype=np.int32, fillvalue=-1)
             g.create_dataset(S.LENGTHS, data=np.tile(np.array([[st.max_query, st.max_key]], np.int32), (n, 1)))
             if st.qk_tokens:
                 t, d = int(st.qk_tokens), int(st.head_dim)
@@ -452,6 +486,10 @@ class RecordingWriter:
                 out.append((start, stop))
         return out
 
+    def rows_per_sample(self, kind: str) -> int:
+        """Query rows per sample the file stores for ``kind`` (``store="rows"``; 0 otherwise)."""
+        return int(self._rows_shape[kind][2]) if kind in self._rows_shape else 0
+
     def qk_tokens(self, kind: str) -> int:
         """Token positions per sample whose query/key vectors the file stores for ``kind`` (0: none)."""
         return int(self._qk_shape[kind][2]) if kind in self._qk_shape else 0
@@ -520,6 +558,8 @@ class RecordingWriter:
 
     def _check_space(self, n: int) -> None:
         """Refuse a batch the file system has no room for, before anything of it is written."""
+        if self._in_memory:
+            return
         need = n * self._sample_bytes + BATCH_OVERHEAD
         free = self._free_bytes()
         if free < need:
@@ -575,6 +615,9 @@ class RecordingWriter:
         if b.labels is not None:
             rows("labels", b.labels, ())
         for kind, maps in b.attention.items():
+            if kind not in self._maps_shape and self.store != S.STORE_FULL:
+                raise ValueError(f"attention maps for {kind!r}, but this file is written with store={self.store!r} "
+                                 "(no maps): give rows / lengths instead")
             if kind not in self._maps_shape:
                 raise ValueError(f"attention kind {kind!r} is not in this file ({', '.join(self._maps_shape)})")
             L, H, Q, K = self._maps_shape[kind]
@@ -588,8 +631,22 @@ class RecordingWriter:
                 if (lens < 1).any() or (lens[:, 0] > shape[3]).any() or (lens[:, 1] > shape[4]).any():
                     raise ValueError(f"lengths {kind!r}: {lens.tolist()} outside 1..{shape[3:]}")
         for kind in b.lengths:
-            if kind not in b.attention:
+            if kind not in self._kinds:
+                raise ValueError(f"lengths for {kind!r}, which is not in this file ({', '.join(self._kinds)})")
+            if self.store == S.STORE_FULL and kind not in b.attention:
                 raise ValueError(f"lengths for {kind!r} without its attention maps")
+            if self.store != S.STORE_FULL:
+                rows(f"lengths {kind!r}", np.asarray(b.lengths[kind]), (2,))
+        for kind, (pos, values) in b.rows.items():
+            if kind not in self._rows_shape:
+                raise ValueError(f"attention rows for {kind!r}, but this file stores "
+                                 f"{'no rows' if self.store != S.STORE_ROWS else 'rows of ' + ', '.join(self._rows_shape)}")
+            L, H, R, K = self._rows_shape[kind]
+            shape = np.shape(values)
+            rows(f"rows {kind!r}", values)
+            if len(shape) != 5 or shape[1:4] != (L, H, R) or shape[4] > K:
+                raise ValueError(f"rows {kind!r}: shape {shape}, expected ({n}, {L}, {H}, {R}, <={K})")
+            rows(f"row positions {kind!r}", pos, (R,))
         for name, values in b.per_sample.items():
             if name not in self._per_sample_shape:
                 raise ValueError(f"per-sample array {name!r} was not declared when the file was created")
@@ -639,6 +696,12 @@ class RecordingWriter:
     def _write_rows(self, b: SampleBatch) -> None:
         f = self._f
         sl = slice(b.start, b.start + b.size)
+        for kind, (pos, values) in b.rows.items():
+            _write_padded(f[S.rows_path(kind)], sl, values)
+            f[S.rows_path(kind, S.ROW_POSITIONS)][sl] = np.asarray(pos, np.int32)
+        if not b.attention:
+            for kind, lens in b.lengths.items():
+                f[S.lengths_path(kind)][sl] = np.asarray(lens, np.int32)
         for kind, maps in b.attention.items():
             ds = f[S.maps_path(kind)]
             maps = np.asarray(maps)
@@ -737,6 +800,58 @@ class RecordingWriter:
     def __exit__(self, *exc: object) -> None:
         if self._f.id.valid:
             self.close()
+
+
+def estimate_size(probe: SampleBatch | None = None, finish: Any = None, **create_args: Any) -> tuple[int, int]:
+    """The size of the recording :meth:`RecordingWriter.create` would write with ``create_args``, nothing on disk.
+
+    The file is laid out in memory (HDF5's core driver, no backing store) exactly as ``create`` lays it out, once
+    without compression and once with the chosen one. Its size after allocation (metadata, ids, labels) is the
+    fixed part; ``probe`` (a real first batch) is then written into it, and what the file grew by, per sample of
+    the probe (data, chunk indices, with the filter's real effect on real data), times the number of samples is
+    the rest. Without a probe, each per-sample dataset's raw bytes stand in for the growth. ``finish(h5file)``,
+    when given, adds what is written after the samples (head metrics) before the file is measured.
+
+    Returns:
+        (bytes uncompressed, bytes with the chosen compression).
+    """
+    comp = create_args.get("compression", "lzf")
+    uncompressed = _layout_bytes(probe, finish, dict(create_args, compression="none"))
+    compressed = uncompressed if _compression(comp) == {} else _layout_bytes(probe, finish, create_args)
+    return uncompressed, compressed
+
+
+def _layout_bytes(probe: SampleBatch | None, finish: Any, create_args: dict[str, Any]) -> int:
+    import uuid
+
+    args = dict(create_args)
+    for key in ("overwrite", "background", "shard"):
+        args.pop(key, None)
+    fingerprint = args.pop("model_fingerprint", None)
+    main = next(st for st in args["stacks"] if st.kind == S.MAIN_KIND[args["family"]])
+    comp = _compression(args.pop("compression", "lzf"))
+    labels = args.pop("labels", None)
+    n = len(args["sample_ids"])
+    lab = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+    # block_size: the in-memory file grows in steps of 512 bytes (the default, 64 KB, would hide small files)
+    f = h5py.File(f"attnviz-estimate-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False,
+                  block_size=512, libver=(S.HDF5_LIBVER_LOW, "latest"))
+    try:
+        RecordingWriter._allocate(f, main_stack=main, labels=lab, comp=comp, **args)
+        if fingerprint is not None:
+            f.attrs[S.ATTR_MODEL_FINGERPRINT] = S.dumps(fingerprint)
+        if finish is not None:
+            finish(f)
+        f.flush()
+        fixed = int(f.id.get_filesize())
+        if probe is None:
+            return fixed + n * _per_sample_bytes(f)
+        w = RecordingWriter(Path(f.filename), f, background=False, in_memory=True)
+        w.write(probe)
+        per_sample = (int(f.id.get_filesize()) - fixed) / probe.size
+        return int(fixed + n * per_sample)
+    finally:
+        f.close()
 
 
 def _per_sample_bytes(h5: h5py.File) -> int:

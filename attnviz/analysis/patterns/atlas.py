@@ -20,6 +20,7 @@ from attnviz.analysis.patterns.reconstruction import masked_errors, mean_map_err
 from attnviz.analysis.patterns.sampling import collect_maps, pattern_kind, stratified_sample
 from attnviz.analysis.threads import default_threads
 from attnviz.errors import InputError
+from attnviz.store.reader import store_refusal
 
 __all__ = ["PatternAtlas", "MapDetail", "compute_patterns", "load_atlas", "map_detail", "analyze_step"]
 
@@ -137,6 +138,11 @@ def compute_patterns(path: str | os.PathLike, params: PatternParams | None = Non
     report = progress or (lambda stage, frac, msg: None)
     clock = _Clock()
     with attnviz.open(path) as rec:
+        problem = store_refusal(rec, "the pattern atlas")
+        if problem:
+            from attnviz.errors import RecordingError
+
+            raise RecordingError(f"{path}: {problem}")
         kind = pattern_kind(rec, params.kind)
         key = params.cache_key(kind, rec.n_samples)
         group = rec.analysis_group(ANALYSIS_NAME)
@@ -409,6 +415,12 @@ def analyze_step(path: str | os.PathLike, *, max_maps: int = 50_000, latent: int
 
     ``clusters``: "auto" (KMeans, K by silhouette), a number K, or "hdbscan".
     """
+    import attnviz
+
+    with attnviz.open(path) as rec:
+        problem = store_refusal(rec, "the pattern atlas")
+    if problem:
+        return [f"pattern atlas skipped: {problem}"]
     method = "hdbscan" if str(clusters).lower() == "hdbscan" else "kmeans"
     params = PatternParams(max_maps=max_maps, latent=latent, clusters="auto" if method == "hdbscan" else clusters,
                            method=method, mode="absolute" if absolute else "centred")

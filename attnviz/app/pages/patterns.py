@@ -51,7 +51,7 @@ from attnviz.figures.patterns import (
     scatter_groups,
     selected_maps,
 )
-from attnviz.store.reader import Recording
+from attnviz.store.reader import Recording, store_refusal
 
 dash.register_page(__name__, path="/patterns", name="Patterns", order=4, title="attnviz - patterns")
 
@@ -168,6 +168,9 @@ def _resolve(data: Any) -> tuple[Selection, Recording | None, PatternAtlas | Non
         return sel, None, None, problem
     atlas = cached_atlas(rec)
     if atlas is None:
+        refusal = store_refusal(rec, "the pattern atlas")
+        if refusal:
+            return sel, None, None, f"{sel.file}: {refusal}."
         try:
             pattern_kind(rec, None)
         except InputError as e:
@@ -204,7 +207,7 @@ def status(data: Any):
     """Selection -> what the atlas is (or how to compute it)."""
     sel, rec, atlas, problem = _resolve(data)
     if problem:
-        kind = "warning" if problem.startswith("No pattern atlas") else "error"
+        kind = "warning" if problem.startswith("No pattern atlas") or "(--store " in problem else "error"
         return message(problem, kind), ""
     s = atlas.summary
     p = atlas.params

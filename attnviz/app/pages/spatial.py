@@ -24,7 +24,7 @@ from attnviz.analysis.spatial import (
     load_spatial,
     spatial_for_sample,
 )
-from attnviz.analysis.localization import load_localization
+from attnviz.analysis.localization import load_localization, localization_refusal
 from attnviz.app import ids
 from attnviz.app.components import HeadGrid, graph, message
 from attnviz.app.data import memo
@@ -42,7 +42,7 @@ from attnviz.figures.spatial import (
     fig_radial_profiles,
     fig_shares,
 )
-from attnviz.store.reader import Recording
+from attnviz.store.reader import Recording, store_refusal
 
 dash.register_page(__name__, path="/spatial", name="Spatial", order=3, title="attnviz - spatial")
 
@@ -180,14 +180,17 @@ def image_profiles(rec: Recording, kind: str, sample: int) -> SpatialProfiles:
     return prof
 
 
-def _missing(sel: Selection) -> str:
+def _missing(sel: Selection, rec: Recording | None = None) -> str:
+    problem = None if rec is None else store_refusal(rec, "the spatial-profile view")
+    if problem:
+        return f"{sel.file}: {problem}."
     return (f"No spatial profiles stored in {sel.file} yet: run `attnviz analyze {sel.file}` to compute them "
             "over all images, or choose 'selected image' to see one image (computed on demand).")
 
 
 def _profiles(rec: Recording, kind: str, sel: Selection, view: str | None) -> tuple[SpatialProfiles | None, str]:
     """The profiles the figures show (mean over images, or the selected image) and a label."""
-    if view == "image":
+    if view == "image" and rec.has_maps():
         return image_profiles(rec, kind, sel.sample), f"image {sel.sample}"
     prof = cached_profiles(rec, kind)
     return prof, ("" if prof is None else f"mean over {prof.n_samples} images")
@@ -224,7 +227,7 @@ def status(data: Any, view: str | None):
     label = f"image {sel.sample} of {rec.n_samples}: {rec.sample_ids()[sel.sample]}"
     prof = cached_profiles(rec, kind)
     if prof is None:
-        return message(_missing(sel), "warning"), label, *grids
+        return message(_missing(sel, rec), "warning"), label, *grids
     what = f"selected image {sel.sample}" if view == "image" else f"mean over {prof.n_samples} images"
     g = prof.geometry
     text = (f"Showing the {what}{_kind_note(rec, kind)}: {g.grid[0]}x{g.grid[1]} patches of "
@@ -242,7 +245,7 @@ def trends(data: Any, view: str | None, distance: str | None):
         return fig_message(problem), fig_message(problem)
     prof, label = _profiles(rec, kind, sel, view)
     if prof is None:
-        msg = _missing(sel)
+        msg = _missing(sel, rec)
         return fig_message(msg), fig_message(msg)
     patches = distance == "patches"
     values = prof.mean_distance_patches if patches else prof.mean_distance
@@ -261,7 +264,7 @@ def head_views(data: Any, view: str | None, hide_self: list[str] | None, distanc
         return fig_message(problem), fig_message(problem)
     prof, label = _profiles(rec, kind, sel, view)
     if prof is None:
-        msg = _missing(sel)
+        msg = _missing(sel, rec)
         return fig_message(msg), fig_message(msg)
     l, h = sel.layer, sel.head
     patches = distance == "patches"
@@ -281,7 +284,7 @@ def layer_views(data: Any, view: str | None, ring: str | None, quantity: str | N
         return fig_message(problem), fig_message(problem)
     prof, label = _profiles(rec, kind, sel, view)
     if prof is None:
-        msg = _missing(sel)
+        msg = _missing(sel, rec)
         return fig_message(msg), fig_message(msg)
     ring = ring if ring in ("chebyshev", "euclidean") else "chebyshev"
     quantity = quantity if quantity in ("strength", "mass") else "strength"
@@ -302,7 +305,7 @@ def image_vs_mean(data: Any, distance: str | None):
         return fig_message(problem)
     prof = cached_profiles(rec, kind)
     if prof is None:
-        return fig_message(_missing(sel))
+        return fig_message(_missing(sel, rec))
     patches = distance == "patches"
     mean = prof.mean_distance_patches if patches else prof.mean_distance
     metric = "mean attention distance" + (" (patches only)" if patches else "")
@@ -316,6 +319,9 @@ def _localization_missing(rec: Recording, sel: Selection) -> str:
     if not rec.has_masks:
         return ("This recording has no object masks, so there is no object to score attention against. Inputs "
                 "with masks (a manifest column 'mask') give energy-inside-the-mask and pointing-game scores.")
+    problem = localization_refusal(rec)
+    if problem:
+        return f"{sel.file}: {problem}."
     return f"Localization scores are not stored yet: run `attnviz analyze {sel.file}`."
 
 
