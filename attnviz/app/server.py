@@ -15,13 +15,18 @@ __all__ = ["serve", "sample_data_files", "SAMPLE_DATA_DIR"]
 SAMPLE_DATA_DIR = Path(__file__).resolve().parents[2] / "sample_data"
 
 
+#: The recording ``attnviz demo`` opens on.
+FIRST_DEMO = "shapes-demo.h5"
+
+
 def sample_data_files() -> list[Path]:
-    """The bundled demo recordings ``sample_data/*.h5``.
+    """The bundled demo recordings ``sample_data/*.h5``, the image demo first (the dashboard opens on the
+    first file, and the Overview is an image page), then the others by name.
 
     Raises:
         InputError: none there.
     """
-    files = sorted(SAMPLE_DATA_DIR.glob("*.h5"))
+    files = sorted(SAMPLE_DATA_DIR.glob("*.h5"), key=lambda p: (p.name != FIRST_DEMO, p.name))
     if not files:
         raise InputError(f"no bundled recordings in {SAMPLE_DATA_DIR}; give recordings: attnviz serve FILE.h5")
     return files

@@ -563,6 +563,8 @@ class RecordingWriter:
         need = n * self._sample_bytes + BATCH_OVERHEAD
         free = self._free_bytes()
         if free < need:
+            if self._queue is not None:  # the batches already queued are written first: the message counts them
+                self._queue.join()
             raise DiskFullError(self._full_message(need, free))
 
     def _full_message(self, need: int, free: int | None = None, *, starting: bool = False) -> str:

@@ -73,3 +73,11 @@ def test_sample_data_is_the_default(monkeypatch, tmp_path, rec_path):
         server.sample_data_files()
     monkeypatch.setattr(server, "SAMPLE_DATA_DIR", rec_path.parent)
     assert server.sample_data_files() == [rec_path]
+
+
+def test_the_demo_opens_on_the_image_recording():
+    from attnviz.app import server
+
+    files = [p.name for p in server.sample_data_files()]
+    assert files[0] == "shapes-demo.h5"  # the Overview, the first page, is an image page
+    assert sorted(files[1:]) == files[1:] and {"digits-demo.h5", "shapes-vqa.h5"} <= set(files)
