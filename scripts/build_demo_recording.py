@@ -10,6 +10,7 @@ query-key embedding), so that every page of the dashboard has its data. Determin
 arguments rebuild the same datasets (only the ``created`` attribute and timings differ).
 
     python scripts/build_demo_recording.py                  # 96 images -> sample_data/shapes-demo.h5
+    python scripts/build_demo_recording.py --retrain        # first retrain the model (train_demo_vit.py, ~95 min)
     attnviz info sample_data/shapes-demo.h5
 """
 
@@ -64,7 +65,14 @@ def main() -> None:
     ap.add_argument("--qk-points", type=int, default=600, help="tokens per head in the query-key embedding")
     ap.add_argument("--clusters", default="6", help="pattern-atlas clusters: the silhouette alone picks 2 on this "
                     "model (maps on CLS vs the rest); 6 separates the local offsets, far offsets and broad maps")
+    ap.add_argument("--retrain", action="store_true", help="first train the demo model again with "
+                    "scripts/train_demo_vit.py (resumable: rerun with --retrain --resume after an interruption)")
+    ap.add_argument("--resume", action="store_true", help="with --retrain: continue the interrupted training")
+    ap.add_argument("--threads", type=int, default=2, help="with --retrain: torch threads of the training")
     args = ap.parse_args()
+    if args.retrain:
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "train_demo_vit.py"), "--threads",
+                        str(args.threads), "--out", str(args.model), *(["--resume"] if args.resume else [])], check=True)
 
     import torch
 
