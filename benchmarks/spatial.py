@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 GRID = (14, 14)
 PATCH = 16
 LAYERS = HEADS = 12

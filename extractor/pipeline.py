@@ -617,8 +617,12 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
     main_kind = adapter.stacks()[0].kind
     shape = _BatchShape(n_columns=writer.n_logit_columns, n_keep_qk=writer.qk_tokens(main_kind),
                         n_rows=writer.rows_per_sample(main_kind), store=opts.store)
-    # one thread reads and preprocesses the next batch while the model runs this one; another one adds the
-    # batch's maps to the per-head statistics (numpy releases the GIL) while the next forward runs
+    # one thread reads and preprocesses the next batch while the model runs this one. On a GPU another one adds
+    # the batch's maps to the per-head statistics (numpy releases the GIL) while the next forward runs; on the
+    # CPU the forward already keeps every core busy, and a third busy thread stalls torch's intra-op threads at
+    # each of their barriers (measured on 2 cores: the run 1.42x the bare forward with the stats thread, see
+    # docs/performance.md), so there the statistics run between the forwards
+    overlap_stats = _overlap_stats(adapter)
     stats_done: Future[Any] | None = None
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-prepare") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnviz-stats") as stats_pool:
@@ -632,11 +636,19 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
             if stats is not None and opts.store == "full":
                 if stats_done is not None:
                     stats_done.result()  # one batch at a time: bounded memory, and errors surface here
-                stats_done = stats_pool.submit(stats.add, main_maps, main_lengths)
+                if overlap_stats:
+                    stats_done = stats_pool.submit(stats.add, main_maps, main_lengths)
+                else:
+                    stats.add(main_maps, main_lengths)
             writer.write(sample_batch)
             bar.update(stop - start)
         if stats_done is not None:
             stats_done.result()
+
+
+def _overlap_stats(adapter: Adapter) -> bool:
+    """Whether the per-head statistics run in their own thread beside the next forward (on a GPU)."""
+    return getattr(getattr(adapter, "device", None), "type", "cpu") == "cuda"
 
 
 @dataclass(frozen=True)

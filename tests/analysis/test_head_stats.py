@@ -130,11 +130,15 @@ def test_accumulator_equals_the_pass_over_the_file_and_merges(tmp_path):
     assert got.n_samples == merged.n_samples == 6
 
 
-def test_extraction_stores_statistics_equal_to_a_recount(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["between-forwards", "stats-thread"])
+def test_extraction_stores_statistics_equal_to_a_recount(tmp_path, monkeypatch, overlap):
     from attnviz.analysis.head_stats import compute_head_stats
+    from extractor import pipeline
     from extractor.pipeline import ExtractOptions, extract
     from tests.helpers import save_tiny_model, write_images
 
+    # CPU runs add the statistics between forwards; GPU runs in a thread beside the next forward: both paths here
+    monkeypatch.setattr(pipeline, "_overlap_stats", lambda adapter: overlap)
     save_tiny_model(tmp_path / "m", "vit")
     write_images(tmp_path / "imgs", [f"{i}.png" for i in range(5)])
     out = extract(ExtractOptions(model=str(tmp_path / "m"), input=str(tmp_path / "imgs"), out=str(tmp_path / "r.h5"),
@@ -144,3 +148,28 @@ def test_extraction_stores_statistics_equal_to_a_recount(tmp_path):
         assert np.allclose(rec.head_metric("entropy"), ref.entropy, rtol=1e-5)
         assert np.allclose(rec.head_metric("cls_attention"), ref.cls_attention, rtol=1e-5)
         assert rec.head_metric_info("entropy").params["n_samples"] == 5
+
+
+def test_float16_maps_take_the_table_path_with_the_float32_results():
+    """The extractor's float16 maps are reduced by table look-up and an integer maximum; the result must equal
+    the plain float32 computation (zeros, -0.0 and padded rows included)."""
+    from attnviz.analysis.head_stats import HeadStatsAccumulator
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (3, 2, 2, 9, 9))
+    maps = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    maps[0, 0, 0, 0, :4] = 0.0
+    maps[1, 1, 1, 2, 3] = -0.0
+    maps = maps.astype(np.float16)
+    lengths = np.array([[9, 9], [7, 8], [9, 9]])
+    fast, plain = HeadStatsAccumulator("self", 2, 2, 1), HeadStatsAccumulator("self", 2, 2, 1)
+    per_fast = fast.add(maps, lengths)
+    per_plain = plain.add(maps.astype(np.float32), lengths)
+    np.testing.assert_allclose(per_fast, per_plain, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fast.sums, plain.sums, rtol=1e-6)
+    # and a hand-built row: one-hot -> entropy 0, confidence 1; uniform over 4 -> log 4, 0.25
+    hand = np.zeros((1, 1, 1, 2, 4), np.float16)
+    hand[0, 0, 0, 0, 2] = 1.0
+    hand[0, 0, 0, 1] = 0.25
+    per = HeadStatsAccumulator("self", 1, 1, 1).add(hand)
+    np.testing.assert_allclose(per[0, :, 0, 0], [np.log(4) / 2, (1 + 0.25) / 2, 0.25 / 2], rtol=1e-6)
