@@ -81,7 +81,7 @@ def bench_extract(quick: bool, tmp: Path) -> list[dict]:
 def bench_importance(quick: bool, tmp: Path) -> list[dict]:
     text = _run([sys.executable, HERE / "importance.py", "--repeat", 2 if quick else 3], 3600)
     speed = float(_find(r"speed-up\s*:\s*([\d.]+)x", text, "the speed-up").group(1))
-    dev = _find(r"device: (\S+);", text, "the device").group(1)
+    dev = _find(r"device: ([^;]+);", text, "the device").group(1)
     return [dict(row="batched / looped head ablation", value=speed, cpu=None, target=">= 4", ok=speed >= 4,
                  detail=f"demo-sized ViT 6x4 heads, {dev}", command="python benchmarks/importance.py")]
 
@@ -144,16 +144,17 @@ def bench_torchrun(quick: bool, tmp: Path) -> list[dict]:
     args = argparse.Namespace(hidden=384, layers=12, heads=6, image=224, patch=16, images=n)
     model_dir, img_dir = build(tmp / "torchrun", args)
     cores = os.cpu_count() or 2
-    base = ["--model", model_dir, "--input", img_dir, "--attributions", "none", "--batch-size", 8, "--device", "cpu"]
+    base = ["--model", str(model_dir), "--input", str(img_dir), "--attributions", "none", "--batch-size", "8",
+            "--device", "cpu", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS=str(cores))
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "attnviz", "extract", *base, "--out", tmp / "one.h5"], cwd=ROOT, env=env,
+    subprocess.run([sys.executable, "-m", "attnviz", "extract", *base, "--out", str(tmp / "one.h5")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     one = time.perf_counter() - t
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // 2)))
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "attnviz", "extract",
-                    *base, "--out", tmp / "two.h5"], cwd=ROOT, env=env, check=True, capture_output=True)
+                    *base, "--out", str(tmp / "two.h5")], cwd=ROOT, env=env, check=True, capture_output=True)
     two = time.perf_counter() - t
     return [dict(row="torchrun 2 ranks / 1 process", value=two / one, cpu=None, target="< 1 (more cores)",
                  ok=None if cores < 4 else two / one < 1,
