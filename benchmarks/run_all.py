@@ -64,7 +64,7 @@ def _find(pattern: str, text: str, what: str) -> re.Match:
 def bench_extract(quick: bool, tmp: Path) -> list[dict]:
     out = tmp / "extract.json"
     n = 16 if quick else 48
-    text = _run([sys.executable, HERE / "extract_vit.py", "--images", n, "--repeat", 2, "--json", out], 3600)
+    _run([sys.executable, HERE / "extract_vit.py", "--images", n, "--repeat", 2, "--json", out], 3600)
     r = json.loads(out.read_text())
     shape = f"ViT {r['layers']}x{r['heads']} hidden {r['hidden']}, 224 px, {n} images"
     rows = [dict(row="extraction / bare eager forward", value=r["b_wall"] / r["a_wall"],
@@ -74,7 +74,6 @@ def bench_extract(quick: bool, tmp: Path) -> list[dict]:
         rows.append(dict(row="naive per-image script / attnviz", value=r["c_wall"] / r["b_wall"],
                          cpu=r["c_cpu"] / r["b_cpu"], target=">= 3", ok=r["c_wall"] / r["b_wall"] >= 3, detail=shape,
                          command=f"python benchmarks/extract_vit.py --images {n}"))
-    del text
     return rows
 
 

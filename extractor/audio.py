@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from attnviz.errors import InputError
-from extractor.inputs import InputSet, _manifest_rows
+from extractor.inputs import InputSet, _manifest_rows, first_usable
 
 __all__ = ["AUDIO_SUFFIXES", "MIN_RATE_FRACTION", "AudioInput", "WordTiming", "collect_audio", "read_audio",
            "resample"]
@@ -193,29 +192,20 @@ def collect_audio(path: str | os.PathLike, *, class_names: Sequence[str] | None 
     else:
         raise InputError(f"input {path} is not audio ({', '.join(AUDIO_SUFFIXES)}), a folder, "
                          f"or a manifest ({', '.join(MANIFEST_SUFFIXES)})")
-    items: list[AudioInput] = []
-    skipped: list[tuple[str, str]] = []
-    want = len(candidates) if limit is None else limit
-    step = max(16, 4 * workers)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(candidates), step):
-            block = candidates[start:start + step]
-            for (it, where), probe in zip(block, pool.map(lambda c: _probe(c[0].path, sample_rate), block)):
-                if len(items) >= want:
-                    break
-                if isinstance(probe, str):
-                    skipped.append((it.id, probe))
-                    continue
-                duration, rate = probe
-                if max_seconds is not None and duration > max_seconds + 1e-9:
-                    skipped.append((it.id, f"{duration:.2f} s is longer than the model's {max_seconds:g} s window "
-                                           "(cut it into clips of at most that length)"))
-                    continue
-                if it.words is not None:
-                    _check_timings(it.words, duration, where)
-                items.append(AudioInput(it.id, it.path, it.text, it.words, duration, rate))
-            if len(items) >= want:
-                break
+    def accept(candidate: tuple[AudioInput, Any], probe: Any) -> AudioInput | str:
+        it, where = candidate
+        if isinstance(probe, str):
+            return probe
+        duration, rate = probe
+        if max_seconds is not None and duration > max_seconds + 1e-9:
+            return (f"{duration:.2f} s is longer than the model's {max_seconds:g} s window "
+                    "(cut it into clips of at most that length)")
+        if it.words is not None:
+            _check_timings(it.words, duration, where)
+        return AudioInput(it.id, it.path, it.text, it.words, duration, rate)
+
+    items, skipped = first_usable(candidates, lambda c: _probe(c[0].path, sample_rate), accept,
+                                  ident=lambda c: c[0].id, limit=limit, workers=workers)
     for sid, why in skipped:
         warn(f"skipped {sid}: {why}")
     if not items:

@@ -36,7 +36,7 @@ from PIL import Image
 from attnviz.errors import InputError
 
 __all__ = ["IMAGE_SUFFIXES", "MANIFEST_SUFFIXES", "ImageInput", "InputSet", "collect_images", "check_inputs", "manifest_file",
-           "read_image", "read_mask", "ClassMatcher"]
+           "read_image", "read_images", "read_mask", "ClassMatcher", "first_usable"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
@@ -137,6 +137,22 @@ def read_image(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
+def read_images(items: Sequence[ImageInput]) -> list[Image.Image]:
+    """Decode a batch of inputs that were readable when the run started (an adapter's ``prepare``).
+
+    Raises:
+        InputError: one of them cannot be read now (the input changed during the run).
+    """
+    images = []
+    for it in items:
+        try:
+            images.append(read_image(it.path))
+        except Exception as e:
+            raise InputError(f"{it.id} could be read when the run started but not now ({e}); "
+                             "did the input change?") from None
+    return images
+
+
 def read_mask(path: Path) -> Image.Image:
     """Decode one mask as 8-bit grayscale ("L")."""
     with Image.open(path) as im:
@@ -235,20 +251,37 @@ def check_inputs(candidates: Sequence[Any], *, path: str | os.PathLike, limit: i
 def _check(candidates: list[ImageInput], limit: int | None,
            workers: int) -> tuple[list[ImageInput], list[tuple[str, str]]]:
     """Decode candidates in order (in parallel) until ``limit`` readable ones are found."""
-    items: list[ImageInput] = []
+    return first_usable(candidates, lambda c: _problem(c.path), lambda c, why: c if why is None else why,
+                        ident=lambda c: c.id, limit=limit, workers=workers)
+
+
+def first_usable(candidates: Sequence[Any], probe: Callable[[Any], Any], accept: Callable[[Any, Any], Any], *,
+                 ident: Callable[[Any], str], limit: int | None,
+                 workers: int) -> tuple[list[Any], list[tuple[str, str]]]:
+    """The first ``limit`` usable inputs of ``candidates`` (all when None), in order, and the skipped ones.
+
+    ``probe(candidate)`` (the slow part: decoding a file) runs in ``workers`` threads, a block at a time, so
+    that a limit stops early; ``accept(candidate, probe_result)`` (in order, this thread) returns the input
+    to keep or a string saying why it is skipped, and may raise InputError for a fault of the whole set.
+
+    Returns:
+        (kept inputs, [(ident(candidate), why skipped)]).
+    """
+    items: list[Any] = []
     skipped: list[tuple[str, str]] = []
     want = len(candidates) if limit is None else limit
     step = max(16, 4 * workers)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(candidates), step):
             block = candidates[start : start + step]
-            for it, why in zip(block, pool.map(lambda c: _problem(c.path), block)):
+            for c, result in zip(block, pool.map(probe, block)):
                 if len(items) >= want:
                     break
-                if why is None:
-                    items.append(it)
+                kept = accept(c, result)
+                if isinstance(kept, str):
+                    skipped.append((ident(c), kept))
                 else:
-                    skipped.append((it.id, why))
+                    items.append(kept)
             if len(items) >= want:
                 break
     return items, skipped

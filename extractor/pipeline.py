@@ -648,7 +648,7 @@ def _run_batches(adapter: Adapter, inputs: InputSet, writer: RecordingWriter, to
 
 def _overlap_stats(adapter: Adapter) -> bool:
     """Whether the per-head statistics run in their own thread beside the next forward (on a GPU)."""
-    return getattr(getattr(adapter, "device", None), "type", "cpu") == "cuda"
+    return adapter.device.type == "cuda"
 
 
 @dataclass(frozen=True)

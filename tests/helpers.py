@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -375,3 +376,25 @@ def make_lvlm_run(root: str | Path) -> dict:
                                   family_options={"max_new_tokens": 3, "sink_tau": LVLM_TAU, "answer_rows_only": True}))
     return {"root": root, "model": model, "manifest": manifest, "full": full.path, "rows": rows.path,
             "adapter": full.adapter}
+
+
+@contextlib.contextmanager
+def interrupted_at_batch(monkeypatch, n: int = 2) -> Iterator[None]:
+    """Inside the block, the ViT adapter's forward raises KeyboardInterrupt (a Ctrl-C) at its ``n``-th batch;
+    the real forward is back afterwards."""
+    from extractor.adapters.vit import VitAdapter
+
+    real_run = VitAdapter.run
+    calls = {"n": 0}
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_run(self, batch)
+
+    monkeypatch.setattr(VitAdapter, "run", interrupted)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(VitAdapter, "run", real_run)

@@ -570,16 +570,14 @@ class Recording:
             raise RecordingError(f"{self.path}: iter_rows needs a --store rows recording; this one is "
                                  f"store={self.store!r}" + (" (use iter_attention)" if self.has_maps() else ""))
         rd, pd = self._rows(kind), self._group(kind)[S.ROW_POSITIONS]
-        idx = np.arange(self.n_samples) if samples is None else np.asarray(samples, dtype=np.int64).reshape(-1)
+        idx = self._sample_indices(samples)
         for j in idx:
             self._check_sample(int(j))
-        for i in range(0, len(idx), max(1, batch_size)):
-            chunk = idx[i : i + batch_size]
-            if len(chunk) and np.all(np.diff(chunk) == 1):
-                sl = slice(int(chunk[0]), int(chunk[-1]) + 1)
-                yield chunk, pd[sl], rd[sl]
-            else:
-                yield chunk, np.stack([pd[int(j)] for j in chunk]), np.stack([rd[int(j)] for j in chunk])
+        yield from _batched(idx, max(1, batch_size), pd, rd)
+
+    def _sample_indices(self, samples: Sequence[int] | None) -> np.ndarray:
+        """int64 ``[n]``: the chosen samples in order (None: every written one)."""
+        return np.arange(self.n_samples) if samples is None else np.asarray(samples, dtype=np.int64).reshape(-1)
 
     @_reads
     def lengths(self, sample: int, kind: str | None = None) -> tuple[int, int]:
@@ -604,16 +602,11 @@ class Recording:
         ds = self._maps(kind)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        idx = np.arange(self.n_samples) if samples is None else np.asarray(samples, dtype=np.int64).reshape(-1)
+        idx = self._sample_indices(samples)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n_samples):
             bad = idx[(idx < 0) | (idx >= self.n_samples)][0]
             raise IndexError(f"sample {bad} out of range 0..{self.n_samples - 1}")
-        for i in range(0, len(idx), batch_size):
-            chunk = idx[i : i + batch_size]
-            if len(chunk) and np.all(np.diff(chunk) == 1):
-                yield chunk, ds[int(chunk[0]) : int(chunk[-1]) + 1]
-            else:
-                yield chunk, np.stack([ds[int(j)] for j in chunk]) if len(chunk) else ds[0:0]
+        yield from _batched(idx, batch_size, ds)
 
     # -- query and key vectors (optional: `attnviz extract --store-qk`) ----------------------
 
@@ -660,17 +653,10 @@ class Recording:
             ``[b, layer, head, T, head_dim]``).
         """
         qd, kd, pd = (self._qk_dataset(kind, w) for w in (S.QUERIES, S.KEYS, S.QK_POSITIONS))
-        idx = np.arange(self.n_samples) if samples is None else np.asarray(samples, dtype=np.int64).reshape(-1)
+        idx = self._sample_indices(samples)
         for j in idx:
             self._check_sample(int(j))
-        for i in range(0, len(idx), max(1, batch_size)):
-            chunk = idx[i : i + batch_size]
-            if len(chunk) and np.all(np.diff(chunk) == 1):
-                sl = slice(int(chunk[0]), int(chunk[-1]) + 1)
-                yield chunk, pd[sl], qd[sl], kd[sl]
-            else:
-                yield (chunk, np.stack([pd[int(j)] for j in chunk]), np.stack([qd[int(j)] for j in chunk]),
-                       np.stack([kd[int(j)] for j in chunk]))
+        yield from _batched(idx, max(1, batch_size), pd, qd, kd)
 
     def _qk_dataset(self, kind: str | None, what: str) -> h5py.Dataset:
         g = self._group(kind)
@@ -992,6 +978,18 @@ def store_refusal(rec: Recording, what: str, allowed: Sequence[str] = (S.STORE_F
         return f"this recording stores only query rows (--store rows): {what} needs {needs}"
     return (f"this recording stores no attention maps, only per-head summaries (--store summary): {what} "
             f"needs {needs}")
+
+
+def _batched(idx: np.ndarray, batch_size: int, *datasets: h5py.Dataset) -> Iterator[tuple[np.ndarray, ...]]:
+    """``(chunk, *rows)`` per ``batch_size`` samples of ``idx``: each dataset's rows of those samples, read as one
+    slice when the samples are consecutive (one HDF5 read per dataset), else sample by sample."""
+    for i in range(0, len(idx), batch_size):
+        chunk = idx[i : i + batch_size]
+        if np.all(np.diff(chunk) == 1):
+            sl = slice(int(chunk[0]), int(chunk[-1]) + 1)
+            yield (chunk, *(d[sl] for d in datasets))
+        else:
+            yield (chunk, *(np.stack([d[int(j)] for j in chunk]) for d in datasets))
 
 
 def _open_read(path: Path) -> h5py.File:

@@ -72,7 +72,7 @@ from extractor.adapters.base import (
     register_adapter,
 )
 from extractor.device import autocast
-from extractor.inputs import read_image
+from extractor.inputs import read_images
 from extractor.vqa_inputs import VQAInput, normalize_answer
 
 __all__ = ["LvlmAdapter", "LvlmOptions", "SINK_MAX_SHARE", "massive_dimensions", "rms_normalized", "sink_phi",
@@ -500,13 +500,7 @@ class LvlmAdapter(Adapter):
             inputs ``input_ids``/``attention_mask`` int ``[batch, seq]`` (left-padded), ``pixel_values``
             float ``[batch, 3, h, w]``; thumbnails uint8 ``[batch, th, tw, 3]``; masks when any item has one.
         """
-        images = []
-        for it in items:
-            try:
-                images.append(read_image(it.path))
-            except Exception as e:
-                raise InputError(f"{it.id} could be read when the run started but not now ({e}); "
-                                 "did the input change?") from None
+        images = read_images(items)
         texts = tuple(self.prompt_text(it) for it in items)
         enc = self.processor(text=list(texts), images=images, padding=True, return_tensors="pt")
         px = enc["pixel_values"]

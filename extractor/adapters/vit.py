@@ -31,7 +31,7 @@ from extractor.adapters.base import (
     register_adapter,
 )
 from extractor.device import autocast
-from extractor.inputs import ImageInput, read_image, read_mask
+from extractor.inputs import ImageInput, read_images, read_mask
 
 __all__ = ["VitAdapter", "THUMBNAIL_MAX"]
 
@@ -133,13 +133,7 @@ class VitAdapter(Adapter):
             ``[batch, thumb_h, thumb_w, 3]`` (the model input un-normalised, downscaled to at most
             224 px); masks uint8 ``[batch, thumb_h, thumb_w]`` (1 = object) when any item has a mask.
         """
-        images = []
-        for it in items:
-            try:
-                images.append(read_image(it.path))
-            except Exception as e:
-                raise InputError(f"{it.id} could be read when the run started but not now ({e}); "
-                                 "did the input change?") from None
+        images = read_images(items)
         px = self.processor(images, return_tensors="pt", **self.processor_kwargs)["pixel_values"]
         if tuple(px.shape[-2:]) != self.input_size:
             raise ModelError(f"the image processor made {tuple(px.shape[-2:])} inputs, expected {self.input_size}")

@@ -17,7 +17,7 @@ import attnviz
 from attnviz.errors import InputError
 from extractor.adapters.vit import VitAdapter
 from extractor.pipeline import ExtractOptions, extract, parse_attributions, resolve_compression
-from tests.helpers import save_tiny_model, write_images
+from tests.helpers import interrupted_at_batch, save_tiny_model, write_images
 
 NAMES = ["circle/a.png", "circle/b.png", "square/c.png", "triangle/d.png", "e.png"]
 
@@ -245,20 +245,9 @@ def test_interrupt_then_resume_equals_uninterrupted_run(data, tmp_path, monkeypa
     kw = dict(attributions=("occlusion", "rollout"), batch_size=2)
     reference = run(data, tmp_path / "ref.h5", **kw)
 
-    real_run = VitAdapter.run
-    calls = {"n": 0}
-
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_run(self, batch)
-
-    monkeypatch.setattr(VitAdapter, "run", interrupted)
     out = tmp_path / "r.h5"
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_batch(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         run(data, out, **kw)
-    monkeypatch.setattr(VitAdapter, "run", real_run)
     assert not out.exists() and (tmp_path / "r.h5.partial").exists()
     with attnviz.open(tmp_path / "r.h5.partial") as rec:
         assert not rec.complete and rec.n_samples == 2 and rec.n_planned == 5
@@ -270,6 +259,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(data, tmp_path, monkeypa
         run(data, out, resume=True, attributions=("occlusion", "rollout"), limit=4)
 
     counted = {"n": 0}
+    real_run = VitAdapter.run
 
     def counting(self, batch):
         counted["n"] += 1

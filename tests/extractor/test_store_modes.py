@@ -14,9 +14,8 @@ from PIL import Image
 
 import attnviz
 from attnviz.errors import InputError, RecordingError
-from extractor.adapters.vit import VitAdapter
 from extractor.pipeline import ExtractOptions, extract, query_rows
-from tests.helpers import save_tiny_model, write_images
+from tests.helpers import interrupted_at_batch, save_tiny_model, write_images
 
 NAMES = ["circle/a.png", "circle/b.png", "square/c.png", "triangle/d.png", "e.png"]
 STORE_ROWS = 5
@@ -171,20 +170,9 @@ def test_store_rows_larger_than_the_image_keeps_every_row(data, tmp_path):
 
 def test_resume_refuses_another_store_mode_and_continues_the_same(data, tmp_path, monkeypatch):
     reference = run(data, tmp_path / "ref.h5", store="rows").path
-    real_run = VitAdapter.run
-    calls = {"n": 0}
-
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_run(self, batch)
-
-    monkeypatch.setattr(VitAdapter, "run", interrupted)
     out = tmp_path / "r.h5"
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_batch(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         run(data, out, store="rows")
-    monkeypatch.setattr(VitAdapter, "run", real_run)
     with pytest.raises(InputError, match=r"recorded with --store='rows', this run has 'full'"):
         run(data, out, resume=True)
     with pytest.raises(InputError, match=r"recorded with --store-rows=5, this run has 3"):
